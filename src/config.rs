@@ -1,0 +1,61 @@
+//! Configuration: flags, each with an environment variable and a default. Values are validated while parsing,
+//! so a bad value stops start-up with a message naming it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::domain::{HoldTtl, Unit};
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Most connections the pool opens.
+    #[arg(long, env = "ALLOWANCE_DB_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "ALLOWANCE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Hold TTL when a reservation does not set one (1s to 30d), e.g. 15m, 90s, 1h.
+    #[arg(long, env = "ALLOWANCE_DEFAULT_HOLD_TTL", default_value = "15m", value_parser = parse_hold_ttl)]
+    pub default_hold_ttl: HoldTtl,
+    /// Unit used when a request leaves it empty.
+    #[arg(long, env = "ALLOWANCE_DEFAULT_UNIT", default_value = "default", value_parser = parse_unit)]
+    pub default_unit: Unit,
+    /// Apply pending migrations before serving.
+    #[arg(long, env = "ALLOWANCE_MIGRATE")]
+    pub migrate: bool,
+    /// How often database readiness is checked for grpc.health.v1, e.g. 1s.
+    #[arg(long, env = "ALLOWANCE_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 90s, 15m, 1h)"))
+}
+
+fn parse_hold_ttl(s: &str) -> Result<HoldTtl, String> {
+    let d = parse_duration(s)?;
+    let d = chrono::TimeDelta::from_std(d).map_err(|e| e.to_string())?;
+    HoldTtl::parse(d).map_err(|e| e.reason)
+}
+
+fn parse_unit(s: &str) -> Result<Unit, String> {
+    Unit::parse(s).map_err(|e| e.reason)
+}

@@ -1,0 +1,17 @@
+//! The gRPC edge: generated types, the service, and the server with health and reflection.
+
+pub mod convert;
+mod server;
+mod service;
+
+pub use server::{SERVICE_NAME, Server};
+pub use service::{Defaults, SpendingLimitsService};
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("allowance.v1");
+
+    /// Encoded descriptors of `allowance.v1`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/allowance_descriptor.bin"));
+}

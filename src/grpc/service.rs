@@ -1,0 +1,215 @@
+//! The `allowance.v1.SpendingLimits` service: decode, call the app, encode. No logic of its own.
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::pb::{self, spending_limits_server::SpendingLimits};
+use crate::app::{Allowance, DEFAULT_PAGE_SIZE, Error};
+use crate::domain::{
+    Amount, HoldTtl, InvalidArgument, Limit, Metadata, Reserve, ReserveOutcome, TransactionId, Unit,
+};
+use crate::storage::{Cursor, StorageError, Store};
+
+/// Server-side defaults applied to requests that leave a field unset.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub unit: Unit,
+    pub hold_ttl: HoldTtl,
+}
+
+pub struct SpendingLimitsService<S> {
+    app: Allowance<S>,
+    defaults: Defaults,
+}
+
+impl<S: Store> SpendingLimitsService<S> {
+    pub fn new(app: Allowance<S>, defaults: Defaults) -> Self {
+        Self { app, defaults }
+    }
+}
+
+/// The whole error-to-status table. Storage trouble is UNAVAILABLE so callers retry; no driver or SQL text
+/// ever reaches a client.
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        use crate::domain::Rejection;
+        match e {
+            Error::InvalidArgument(e) => Status::invalid_argument(e.to_string()),
+            Error::Rejected(r @ Rejection::NotFound(_)) => Status::not_found(r.to_string()),
+            Error::Rejected(r @ Rejection::AlreadyExists(_)) => Status::already_exists(r.to_string()),
+            Error::Rejected(r @ Rejection::FailedPrecondition(_)) => {
+                Status::failed_precondition(r.to_string())
+            }
+            Error::Storage(e @ (StorageError::Unavailable(_) | StorageError::Contended)) => {
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "storage unavailable");
+                Status::unavailable("storage is unavailable; retry later")
+            }
+            Error::Storage(e @ StorageError::Corrupt(_)) => {
+                tracing::error!(error = %e, "storage returned invalid data");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+fn invalid(e: InvalidArgument) -> Status {
+    Error::from(e).into()
+}
+
+/// Page tokens are opaque to clients: `v1.<created_at micros>.<transaction id>`.
+fn encode_cursor(c: &Cursor) -> String {
+    format!("v1.{}.{}", c.created_at.timestamp_micros(), c.transaction_id)
+}
+
+fn decode_cursor(token: &str) -> Result<Option<Cursor>, InvalidArgument> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || InvalidArgument::new("page_token", "is not a token this service issued");
+    let mut parts = token.splitn(3, '.');
+    let (Some("v1"), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    Ok(Some(Cursor {
+        created_at: chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+        transaction_id: TransactionId::parse(id).map_err(|_| bad())?,
+    }))
+}
+
+#[tonic::async_trait]
+impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
+    async fn reserve_spending(
+        &self,
+        request: Request<pb::ReserveSpendingRequest>,
+    ) -> Result<Response<pb::ReserveSpendingResponse>, Status> {
+        let r = request.into_inner();
+        let reserve = Reserve {
+            account: convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?,
+            transaction_id: TransactionId::parse(r.transaction_id).map_err(invalid)?,
+            amount: Amount::parse("amount", r.amount).map_err(invalid)?,
+            hold_ttl: convert::hold_ttl(r.hold_ttl.as_ref(), self.defaults.hold_ttl).map_err(invalid)?,
+            commit: r.commit,
+            metadata: Metadata::parse(r.metadata).map_err(invalid)?,
+        };
+        let response = match self.app.reserve(reserve).await? {
+            ReserveOutcome::Allowed { transaction, usage, .. } => pb::ReserveSpendingResponse {
+                allowed: true,
+                exceeded: vec![],
+                usage: usage.iter().map(convert::usage).collect(),
+                transaction: Some(convert::transaction(transaction)),
+            },
+            ReserveOutcome::Denied { exceeded, usage } => pb::ReserveSpendingResponse {
+                allowed: false,
+                exceeded: exceeded.into_iter().map(|w| convert::window_to_pb(w).into()).collect(),
+                usage: usage.iter().map(convert::usage).collect(),
+                transaction: None,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let r = request.into_inner();
+        let id = TransactionId::parse(r.transaction_id).map_err(invalid)?;
+        let amount = r.amount.map(|a| Amount::parse("amount", a)).transpose().map_err(invalid)?;
+        let committed = self.app.commit(id, amount).await?;
+        Ok(Response::new(pb::CommitResponse {
+            transaction: Some(convert::transaction(committed.transaction)),
+        }))
+    }
+
+    async fn reverse(
+        &self,
+        request: Request<pb::ReverseRequest>,
+    ) -> Result<Response<pb::ReverseResponse>, Status> {
+        let id = TransactionId::parse(request.into_inner().transaction_id).map_err(invalid)?;
+        let transaction = self.app.reverse(id).await?;
+        Ok(Response::new(pb::ReverseResponse { transaction: Some(convert::transaction(transaction)) }))
+    }
+
+    async fn get_limits(
+        &self,
+        request: Request<pb::GetLimitsRequest>,
+    ) -> Result<Response<pb::GetLimitsResponse>, Status> {
+        let r = request.into_inner();
+        let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
+        let usage = self.app.get_limits(account.clone()).await?;
+        Ok(Response::new(pb::GetLimitsResponse {
+            key_id: account.key_id.into_string(),
+            unit: account.unit.into_string(),
+            usage: usage.iter().map(convert::usage).collect(),
+        }))
+    }
+
+    async fn set_limit(
+        &self,
+        request: Request<pb::SetLimitRequest>,
+    ) -> Result<Response<pb::SetLimitResponse>, Status> {
+        let r = request.into_inner();
+        let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
+        let window = convert::window(r.window).map_err(invalid)?;
+        let limit = Limit::parse(r.limit).map_err(invalid)?;
+        let usage = self.app.set_limit(account, window, Some(limit)).await?;
+        Ok(Response::new(pb::SetLimitResponse { usage: Some(convert::usage(&usage)) }))
+    }
+
+    async fn remove_limit(
+        &self,
+        request: Request<pb::RemoveLimitRequest>,
+    ) -> Result<Response<pb::RemoveLimitResponse>, Status> {
+        let r = request.into_inner();
+        let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
+        let window = convert::window(r.window).map_err(invalid)?;
+        let usage = self.app.set_limit(account, window, None).await?;
+        Ok(Response::new(pb::RemoveLimitResponse { usage: Some(convert::usage(&usage)) }))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::Transaction>, Status> {
+        let id = TransactionId::parse(request.into_inner().transaction_id).map_err(invalid)?;
+        let transaction = self.app.get_transaction(id).await?;
+        Ok(Response::new(convert::transaction(transaction)))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let r = request.into_inner();
+        let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
+        let page_size = match r.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n < 0 => return Err(invalid(InvalidArgument::new("page_size", "must not be negative"))),
+            n => n as u32,
+        };
+        let cursor = decode_cursor(&r.page_token).map_err(invalid)?;
+        let (page, next) = self.app.list_transactions(account, cursor, page_size).await?;
+        Ok(Response::new(pb::ListTransactionsResponse {
+            transactions: page.into_iter().map(convert::transaction).collect(),
+            next_page_token: next.as_ref().map(encode_cursor).unwrap_or_default(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_even_with_dots_in_ids() {
+        let c = Cursor {
+            created_at: chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap(),
+            transaction_id: TransactionId::parse("tx.with.dots").unwrap(),
+        };
+        assert_eq!(decode_cursor(&encode_cursor(&c)).unwrap(), Some(c));
+        assert_eq!(decode_cursor("").unwrap(), None);
+        assert_eq!(decode_cursor("garbage").unwrap_err().field, "page_token");
+        assert!(decode_cursor("v1.notanumber.x").is_err());
+    }
+}

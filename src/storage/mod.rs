@@ -1,0 +1,94 @@
+//! Where state lives. [`postgres::PgStore`] owns every SQL statement; [`memory::MemoryStore`] keeps the same
+//! contract in memory, so one test body can run against both.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use crate::domain::{AccountKey, Ledger, Timestamp, Transaction, TransactionId};
+
+pub mod memory;
+pub mod postgres;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database could not be reached or failed the statement; worth retrying.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// Concurrent batches kept conflicting; worth retrying later.
+    #[error("too much contention on the same keys")]
+    Contended,
+    /// A stored value does not fit the domain (a bug or a hand edit).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// Locks taken by [`Store::with_ledger`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Lock the accounts (creating missing ones) and write the changes back.
+    Write,
+    /// A consistent snapshot, no locks, nothing written: for reads of usage.
+    Read,
+}
+
+/// What one run of a batch returned, with what the refresh found along the way.
+#[derive(Debug)]
+pub struct BatchOutput<R> {
+    pub value: R,
+    pub expired_holds: u64,
+}
+
+/// Position in a listing, newest first: the last transaction of the previous page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: Timestamp,
+    pub transaction_id: TransactionId,
+}
+
+pub trait Store: Send + Sync + 'static {
+    /// The accounts that hold these transactions; ids that do not exist are left out.
+    fn locate(
+        &self,
+        ids: &[TransactionId],
+    ) -> impl Future<Output = Result<HashMap<TransactionId, AccountKey>, StorageError>> + Send;
+
+    /// Loads `accounts` and the named `transactions` (with [`Access::Write`]: under the accounts' row locks,
+    /// taken in key order), opens a [`Ledger`] at `now`, runs `apply` and, for writes, stores its changes and
+    /// commits. `apply` runs again from scratch if the batch had to be retried (a transaction id taken
+    /// concurrently by another account, a deadlock); only the last run's result is returned.
+    fn with_ledger<R, F>(
+        &self,
+        access: Access,
+        accounts: &[AccountKey],
+        transactions: &[TransactionId],
+        now: Timestamp,
+        apply: F,
+    ) -> impl Future<Output = Result<BatchOutput<R>, StorageError>> + Send
+    where
+        R: Send,
+        F: FnMut(&mut Ledger) -> R + Send;
+
+    fn get_transaction(
+        &self,
+        id: &TransactionId,
+    ) -> impl Future<Output = Result<Option<Transaction>, StorageError>> + Send;
+
+    /// Transactions of one account, newest first, after `cursor`.
+    fn list_transactions(
+        &self,
+        account: &AccountKey,
+        cursor: Option<&Cursor>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Transaction>, StorageError>> + Send;
+
+    /// Ready to serve: reachable and fully migrated.
+    fn ready(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+}
+
+/// Keys sorted and deduplicated: every batch locks accounts in the same order.
+pub(crate) fn sorted_unique<T: Ord + Clone>(items: &[T]) -> Vec<T> {
+    let mut v = items.to_vec();
+    v.sort();
+    v.dedup();
+    v
+}

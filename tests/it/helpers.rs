@@ -1,0 +1,153 @@
+//! Shared test plumbing: databases, an in-process server on port 0, a client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allowance::app::Allowance;
+use allowance::clock::{Clock, ManualClock};
+use allowance::domain::{HoldTtl, Unit};
+use allowance::grpc::pb::spending_limits_client::SpendingLimitsClient;
+use allowance::grpc::{Defaults, Server};
+use allowance::storage::Store;
+use allowance::storage::postgres::PgStore;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// 2030-01-01T00:00:00Z: tests start here and move time by hand.
+pub fn epoch() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp(1_893_456_000, 0).unwrap()
+}
+
+pub fn defaults() -> Defaults {
+    Defaults {
+        unit: Unit::parse("usd").unwrap(),
+        hold_ttl: HoldTtl::parse(chrono::TimeDelta::minutes(15)).unwrap(),
+    }
+}
+
+/// A server running in-process on 127.0.0.1:0 and a client connected to it.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub client: SpendingLimitsClient<Channel>,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start<S: Store>(store: S, clock: Arc<dyn Clock>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = Server {
+            app: Allowance::new(Arc::new(store), clock),
+            defaults: defaults(),
+            health_interval: Duration::from_millis(100),
+        };
+        let handle = tokio::spawn(server.run(listener, shutdown.clone()));
+        let client = SpendingLimitsClient::new(channel(addr).await);
+        Self { addr, client, shutdown, handle }
+    }
+
+    /// A server on its own pool of the same database, as a second replica would be.
+    pub async fn on(pool: &PgPool, clock: &ManualClock) -> Self {
+        Self::start(PgStore::new(pool.clone()), Arc::new(clock.clone())).await
+    }
+
+    /// Stops the server gracefully and returns how its run ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        (&mut self.handle).await?
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+    for _ in 0..50 {
+        if let Ok(ch) = endpoint.connect().await {
+            return ch;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server at {addr} did not start");
+}
+
+/// Another pool on the database of `pool`, for a second replica.
+pub async fn second_pool(pool: &PgPool, max: u32) -> PgPool {
+    let options: PgConnectOptions = (*pool.connect_options()).clone();
+    PgPoolOptions::new().max_connections(max).connect_with(options).await.unwrap()
+}
+
+/// Short calls for tests; each panics on a transport error and returns the gRPC result.
+pub mod call {
+    use allowance::grpc::pb;
+    use allowance::grpc::pb::spending_limits_client::SpendingLimitsClient;
+    use tonic::transport::Channel;
+
+    pub type Client = SpendingLimitsClient<Channel>;
+
+    pub fn reserve_req(key: &str, tx: &str, amount: i64) -> pb::ReserveSpendingRequest {
+        pb::ReserveSpendingRequest {
+            key_id: key.into(),
+            transaction_id: tx.into(),
+            amount,
+            unit: "usd".into(),
+            ..Default::default()
+        }
+    }
+
+    pub async fn reserve(c: &mut Client, key: &str, tx: &str, amount: i64) -> pb::ReserveSpendingResponse {
+        c.reserve_spending(reserve_req(key, tx, amount)).await.unwrap().into_inner()
+    }
+
+    pub async fn set_limit(c: &mut Client, key: &str, window: pb::Window, limit: i64) {
+        c.set_limit(pb::SetLimitRequest {
+            key_id: key.into(),
+            unit: "usd".into(),
+            window: window.into(),
+            limit,
+        })
+        .await
+        .unwrap();
+    }
+
+    pub async fn commit(
+        c: &mut Client,
+        tx: &str,
+        amount: Option<i64>,
+    ) -> Result<pb::Transaction, tonic::Status> {
+        c.commit(pb::CommitRequest { transaction_id: tx.into(), amount })
+            .await
+            .map(|r| r.into_inner().transaction.unwrap())
+    }
+
+    pub async fn reverse(c: &mut Client, tx: &str) -> Result<pb::Transaction, tonic::Status> {
+        c.reverse(pb::ReverseRequest { transaction_id: tx.into() })
+            .await
+            .map(|r| r.into_inner().transaction.unwrap())
+    }
+
+    /// Usage of one window: (spent, held, remaining).
+    pub async fn usage(c: &mut Client, key: &str, window: pb::Window) -> (i64, i64, Option<i64>) {
+        let r = c
+            .get_limits(pb::GetLimitsRequest { key_id: key.into(), unit: "usd".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let u = r.usage.into_iter().find(|u| u.window == window as i32).unwrap();
+        (u.spent, u.held, u.remaining)
+    }
+
+    pub async fn get(c: &mut Client, tx: &str) -> Result<pb::Transaction, tonic::Status> {
+        c.get_transaction(pb::GetTransactionRequest { transaction_id: tx.into() })
+            .await
+            .map(|r| r.into_inner())
+    }
+}

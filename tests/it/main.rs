@@ -1,0 +1,7 @@
+//! One test binary: end-to-end tests against the server in-process, database tests, the model test.
+
+mod concurrency;
+mod db;
+mod grpc;
+mod helpers;
+mod model;
