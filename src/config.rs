@@ -37,6 +37,44 @@ pub struct ServeConfig {
     /// How often database readiness is checked for grpc.health.v1, e.g. 1s.
     #[arg(long, env = "ALLOWANCE_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub health_interval: Duration,
+    /// Address of the Prometheus metrics endpoint (path /metrics).
+    #[arg(long, env = "ALLOWANCE_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: SocketAddr,
+    /// On SIGTERM/SIGINT: how long health reads NOT_SERVING while calls are still served, so load balancers
+    /// stop routing here before the listener closes.
+    #[arg(long, env = "ALLOWANCE_SHUTDOWN_DRAIN", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_drain: Duration,
+    /// On SIGTERM/SIGINT: the most time in-flight calls get to finish once the listener has closed.
+    #[arg(long, env = "ALLOWANCE_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Batches (database transactions) that may run at once; each uses one connection.
+    #[arg(long, env = "ALLOWANCE_BATCH_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub batch_workers: u16,
+    /// Most operations coalesced into one batch; 1 turns group commit off.
+    #[arg(long, env = "ALLOWANCE_BATCH_MAX", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub batch_max: u16,
+    /// How often holds that expired on keys nobody has called since are released.
+    #[arg(long, env = "ALLOWANCE_SWEEP_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+}
+
+impl ServeConfig {
+    /// Checks across settings that no single parser can see.
+    pub fn validate(&self) -> Result<(), String> {
+        if u32::from(self.batch_workers) > self.database.db_pool_size {
+            return Err(format!(
+                "ALLOWANCE_BATCH_WORKERS ({}) must not exceed ALLOWANCE_DB_POOL_SIZE ({}): each batch holds a connection",
+                self.batch_workers, self.database.db_pool_size
+            ));
+        }
+        if self.listen == self.metrics_listen {
+            return Err(format!("ALLOWANCE_LISTEN and ALLOWANCE_METRICS_LISTEN are both {}", self.listen));
+        }
+        if self.health_interval.is_zero() || self.sweep_interval.is_zero() {
+            return Err("ALLOWANCE_HEALTH_INTERVAL and ALLOWANCE_SWEEP_INTERVAL must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]

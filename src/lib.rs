@@ -10,3 +10,4 @@ pub mod config;
 pub mod domain;
 pub mod grpc;
 pub mod storage;
+pub mod telemetry;

@@ -3,14 +3,22 @@
 
 use std::sync::Arc;
 
+pub use batcher::BatchConfig;
+use batcher::Batcher;
+
 use crate::clock::Clock;
 use crate::domain::{
-    AccountKey, Amount, Committed, InvalidArgument, Limit, Rejection, Reserve, ReserveOutcome, Transaction,
-    TransactionId, Window, WindowUsage,
+    AccountKey, Amount, Committed, InvalidArgument, Limit, Rejection, Reserve, ReserveOutcome, Reversed,
+    Transaction, TransactionId, Window, WindowUsage,
 };
 use crate::storage::{Access, Cursor, StorageError, Store};
 
-#[derive(Debug, thiserror::Error)]
+mod batcher;
+mod metrics;
+
+pub use metrics::describe as describe_metrics;
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     InvalidArgument(#[from] InvalidArgument),
@@ -18,6 +26,9 @@ pub enum Error {
     Rejected(#[from] Rejection),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The service is stopping and takes no new operations.
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 /// One operation of a batch.
@@ -43,7 +54,7 @@ pub enum Operation {
 pub enum Outcome {
     Reserved(ReserveOutcome),
     Committed(Committed),
-    Reversed(Transaction),
+    Reversed(Reversed),
     Limit(WindowUsage),
 }
 
@@ -54,17 +65,28 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub struct Allowance<S> {
     store: Arc<S>,
     clock: Arc<dyn Clock>,
+    /// Group commit in front of [`Allowance::execute`]; `None` runs every call as its own batch.
+    batcher: Option<Batcher>,
 }
 
 impl<S> Clone for Allowance<S> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), clock: self.clock.clone() }
+        Self { store: self.store.clone(), clock: self.clock.clone(), batcher: self.batcher.clone() }
     }
 }
 
 impl<S: Store> Allowance<S> {
+    /// Every call is its own batch (one database transaction).
     pub fn new(store: Arc<S>, clock: Arc<dyn Clock>) -> Self {
-        Self { store, clock }
+        Self { store, clock, batcher: None }
+    }
+
+    /// Coalesces concurrent reserves, commits, reverses and limit changes into shared batches. Must be called
+    /// inside a Tokio runtime: it starts the workers.
+    pub fn with_batching(mut self, config: BatchConfig) -> Self {
+        let unbatched = Self { batcher: None, ..self.clone() };
+        self.batcher = Some(Batcher::start(unbatched, config));
+        self
     }
 
     pub fn store(&self) -> &S {
@@ -77,18 +99,8 @@ impl<S: Store> Allowance<S> {
         &self,
         operations: Vec<Operation>,
     ) -> Result<Vec<Result<Outcome, Rejection>>, Error> {
-        let named: Vec<TransactionId> = operations
-            .iter()
-            .filter_map(|op| match op {
-                Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id } => {
-                    Some(transaction_id.clone())
-                }
-                _ => None,
-            })
-            .collect();
-        let located = if named.is_empty() { Default::default() } else { self.store.locate(&named).await? };
         let mut accounts = Vec::new();
-        let mut ids = named;
+        let mut ids = Vec::new();
         for op in &operations {
             match op {
                 Operation::Reserve(r) => {
@@ -96,10 +108,11 @@ impl<S: Store> Allowance<S> {
                     ids.push(r.transaction_id.clone());
                 }
                 Operation::SetLimit { account, .. } => accounts.push(account.clone()),
-                Operation::Commit { .. } | Operation::Reverse { .. } => {}
+                Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id } => {
+                    ids.push(transaction_id.clone())
+                }
             }
         }
-        accounts.extend(located.values().cloned());
         let now = self.clock.now();
         let out = self
             .store
@@ -109,15 +122,9 @@ impl<S: Store> Allowance<S> {
                     .map(|op| match op.clone() {
                         Operation::Reserve(r) => ledger.reserve(r).map(Outcome::Reserved),
                         Operation::Commit { transaction_id, amount } => {
-                            if !located.contains_key(&transaction_id) {
-                                return Err(Rejection::NotFound(transaction_id));
-                            }
                             ledger.commit(&transaction_id, amount).map(Outcome::Committed)
                         }
                         Operation::Reverse { transaction_id } => {
-                            if !located.contains_key(&transaction_id) {
-                                return Err(Rejection::NotFound(transaction_id));
-                            }
                             ledger.reverse(&transaction_id).map(Outcome::Reversed)
                         }
                         Operation::SetLimit { account, window, limit } => {
@@ -126,14 +133,16 @@ impl<S: Store> Allowance<S> {
                     })
                     .collect::<Vec<_>>()
             })
-            .await?;
-        if out.expired_holds > 0 {
-            tracing::debug!(expired = out.expired_holds, "released expired holds");
-        }
+            .await
+            .inspect_err(metrics::storage_error)?;
+        metrics::batch(&operations, &out.value, out.expired_holds);
         Ok(out.value)
     }
 
     async fn execute_one(&self, operation: Operation) -> Result<Outcome, Error> {
+        if let Some(batcher) = &self.batcher {
+            return Ok(batcher.submit(operation).await??);
+        }
         let mut results = self.execute(vec![operation]).await?;
         Ok(results.pop().expect("one result per operation")?)
     }
@@ -156,9 +165,9 @@ impl<S: Store> Allowance<S> {
         }
     }
 
-    pub async fn reverse(&self, transaction_id: TransactionId) -> Result<Transaction, Error> {
+    pub async fn reverse(&self, transaction_id: TransactionId) -> Result<Reversed, Error> {
         match self.execute_one(Operation::Reverse { transaction_id }).await? {
-            Outcome::Reversed(t) => Ok(t),
+            Outcome::Reversed(r) => Ok(r),
             other => unreachable!("reverse answered {other:?}"),
         }
     }
@@ -175,6 +184,31 @@ impl<S: Store> Allowance<S> {
         }
     }
 
+    /// Releases holds that expired on accounts no call has touched since, so that their state and the
+    /// expiry count do not wait for the next call. Returns how many were released.
+    pub async fn sweep_expired(&self, max_accounts: u32) -> Result<u64, Error> {
+        let now = self.clock.now();
+        let accounts = self
+            .store
+            .accounts_with_expired_holds(now, max_accounts)
+            .await
+            .inspect_err(metrics::storage_error)?;
+        if accounts.is_empty() {
+            return Ok(0);
+        }
+        let out = self
+            .store
+            .with_ledger(Access::Write, &accounts, &[], now, |_| ())
+            .await
+            .inspect_err(metrics::storage_error)?;
+        metrics::expired(out.expired_holds);
+        Ok(out.expired_holds)
+    }
+
+    pub async fn open_holds(&self) -> Result<u64, Error> {
+        Ok(self.store.open_holds(self.clock.now()).await.inspect_err(metrics::storage_error)?)
+    }
+
     /// Usage of all four windows as of now; reads a snapshot and takes no locks.
     pub async fn get_limits(&self, account: AccountKey) -> Result<Vec<WindowUsage>, Error> {
         let now = self.clock.now();
@@ -183,13 +217,14 @@ impl<S: Store> Allowance<S> {
             .with_ledger(Access::Read, std::slice::from_ref(&account), &[], now, |ledger| {
                 ledger.account(&account).all_usage()
             })
-            .await?;
+            .await
+            .inspect_err(metrics::storage_error)?;
         Ok(out.value)
     }
 
     pub async fn get_transaction(&self, id: TransactionId) -> Result<Transaction, Error> {
         let now = self.clock.now();
-        match self.store.get_transaction(&id).await? {
+        match self.store.get_transaction(&id).await.inspect_err(metrics::storage_error)? {
             Some(t) => Ok(t.as_of(now)),
             None => Err(Rejection::NotFound(id).into()),
         }
@@ -204,7 +239,11 @@ impl<S: Store> Allowance<S> {
     ) -> Result<(Vec<Transaction>, Option<Cursor>), Error> {
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
         let now = self.clock.now();
-        let page = self.store.list_transactions(&account, cursor.as_ref(), page_size).await?;
+        let page = self
+            .store
+            .list_transactions(&account, cursor.as_ref(), page_size)
+            .await
+            .inspect_err(metrics::storage_error)?;
         let next = (page.len() == page_size as usize).then(|| {
             let last = page.last().expect("a full page is not empty");
             Cursor { created_at: last.created_at, transaction_id: last.id.clone() }

@@ -44,6 +44,13 @@ pub struct Committed {
     pub replayed: bool,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reversed {
+    pub transaction: Transaction,
+    /// The state it was reversed from; `Reversed` for a repeated reverse.
+    pub from: TxState,
+}
+
 /// A request that cannot be carried out as asked. Each is the caller's to handle, never a fault of the service.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -230,20 +237,21 @@ impl Ledger {
 
     /// HELD -> REVERSED releases the hold; COMMITTED -> REVERSED refunds the spend; EXPIRED -> REVERSED
     /// records the caller's word. Reversing again changes nothing.
-    pub fn reverse(&mut self, id: &TransactionId) -> Result<Transaction, Rejection> {
+    pub fn reverse(&mut self, id: &TransactionId) -> Result<Reversed, Rejection> {
         let now = self.now;
         let tx = self.transaction(id)?.clone();
         let (committed, held) = match tx.state {
-            TxState::Reversed => return Ok(tx),
+            TxState::Reversed => return Ok(Reversed { transaction: tx, from: TxState::Reversed }),
             TxState::Held => (0, i128::from(tx.amount)),
             TxState::Committed => (i128::from(tx.amount), 0),
             TxState::Expired => (0, 0),
         };
         self.account_mut(&tx.account).adjust(tx.created_at, -committed, -held);
-        Ok(self.update(id, |t| {
+        let transaction = self.update(id, |t| {
             t.state = TxState::Reversed;
             t.reversed_at = Some(now);
-        }))
+        });
+        Ok(Reversed { transaction, from: tx.state })
     }
 
     /// Sets (`Some`) or removes (`None`) the limit of one window.

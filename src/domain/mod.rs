@@ -7,7 +7,7 @@ mod values;
 mod window;
 
 pub use account::{Account, AgedOut, AgingRange, WindowTotals, WindowUsage};
-pub use ledger::{Changes, Committed, Ledger, Loaded, Rejection, Reserve, ReserveOutcome};
+pub use ledger::{Changes, Committed, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed};
 pub use transaction::{Transaction, TxState};
 pub use values::*;
 pub use window::Window;

@@ -1,10 +1,12 @@
 //! The gRPC edge: generated types, the service, and the server with health and reflection.
 
 pub mod convert;
+mod layer;
 mod server;
 mod service;
 
-pub use server::{SERVICE_NAME, Server};
+pub use layer::code_name;
+pub use server::{LIVENESS, Lifecycle, SERVICE_NAME, Server};
 pub use service::{Defaults, SpendingLimitsService};
 
 #[allow(clippy::all, missing_docs)]

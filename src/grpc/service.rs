@@ -40,6 +40,9 @@ impl From<Error> for Status {
             Error::Rejected(r @ Rejection::FailedPrecondition(_)) => {
                 Status::failed_precondition(r.to_string())
             }
+            Error::ShuttingDown => {
+                Status::unavailable("the server is shutting down; retry on another replica")
+            }
             Error::Storage(e @ (StorageError::Unavailable(_) | StorageError::Contended)) => {
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "storage unavailable");
                 Status::unavailable("storage is unavailable; retry later")
@@ -127,8 +130,10 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
         let id = TransactionId::parse(request.into_inner().transaction_id).map_err(invalid)?;
-        let transaction = self.app.reverse(id).await?;
-        Ok(Response::new(pb::ReverseResponse { transaction: Some(convert::transaction(transaction)) }))
+        let reversed = self.app.reverse(id).await?;
+        Ok(Response::new(pb::ReverseResponse {
+            transaction: Some(convert::transaction(reversed.transaction)),
+        }))
     }
 
     async fn get_limits(

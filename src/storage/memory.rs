@@ -1,7 +1,7 @@
 //! The storage contract kept in memory behind one mutex: every batch is trivially atomic. For tests and for
 //! running the domain without a database; it scans all transactions where Postgres uses an index.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{Access, BatchOutput, Cursor, StorageError, Store, sorted_unique};
@@ -32,7 +32,9 @@ impl MemoryStore {
 
 impl State {
     fn load(&self, accounts: &[AccountKey], ids: &[TransactionId], now: Timestamp) -> Loaded {
-        let accounts: Vec<Account> = sorted_unique(accounts)
+        let owners = ids.iter().filter_map(|id| self.transactions.get(id)).map(|t| t.account.clone());
+        let accounts: Vec<AccountKey> = accounts.iter().cloned().chain(owners).collect();
+        let accounts: Vec<Account> = sorted_unique(&accounts)
             .into_iter()
             .map(|key| self.accounts.get(&key).cloned().unwrap_or_else(|| Account::new(key, now)))
             .collect();
@@ -71,17 +73,6 @@ impl State {
 }
 
 impl Store for MemoryStore {
-    async fn locate(
-        &self,
-        ids: &[TransactionId],
-    ) -> Result<HashMap<TransactionId, AccountKey>, StorageError> {
-        let state = self.lock();
-        Ok(ids
-            .iter()
-            .filter_map(|id| state.transactions.get(id).map(|t| (id.clone(), t.account.clone())))
-            .collect())
-    }
-
     async fn with_ledger<R, F>(
         &self,
         access: Access,
@@ -130,6 +121,27 @@ impl Store for MemoryStore {
         txs.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
         txs.truncate(limit as usize);
         Ok(txs)
+    }
+
+    async fn accounts_with_expired_holds(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<AccountKey>, StorageError> {
+        let state = self.lock();
+        let keys: Vec<AccountKey> = state
+            .transactions
+            .values()
+            .filter(|t| t.state == TxState::Held && t.state_at(now) == TxState::Expired)
+            .map(|t| t.account.clone())
+            .collect();
+        let mut keys = sorted_unique(&keys);
+        keys.truncate(limit as usize);
+        Ok(keys)
+    }
+
+    async fn open_holds(&self, now: Timestamp) -> Result<u64, StorageError> {
+        Ok(self.lock().transactions.values().filter(|t| t.state_at(now) == TxState::Held).count() as u64)
     }
 
     async fn ready(&self) -> Result<(), StorageError> {

@@ -1,7 +1,6 @@
 //! Where state lives. [`postgres::PgStore`] owns every SQL statement; [`memory::MemoryStore`] keeps the same
 //! contract in memory, so one test body can run against both.
 
-use std::collections::HashMap;
 use std::future::Future;
 
 use crate::domain::{AccountKey, Ledger, Timestamp, Transaction, TransactionId};
@@ -9,11 +8,11 @@ use crate::domain::{AccountKey, Ledger, Timestamp, Transaction, TransactionId};
 pub mod memory;
 pub mod postgres;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
     /// The database could not be reached or failed the statement; worth retrying.
     #[error("database unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] std::sync::Arc<sqlx::Error>),
     /// Concurrent batches kept conflicting; worth retrying later.
     #[error("too much contention on the same keys")]
     Contended,
@@ -38,6 +37,15 @@ pub struct BatchOutput<R> {
     pub expired_holds: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    pub max: u32,
+    pub open: u32,
+    pub idle: u32,
+    /// Tasks waiting for a connection.
+    pub waiting: u64,
+}
+
 /// Position in a listing, newest first: the last transaction of the previous page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
@@ -46,15 +54,10 @@ pub struct Cursor {
 }
 
 pub trait Store: Send + Sync + 'static {
-    /// The accounts that hold these transactions; ids that do not exist are left out.
-    fn locate(
-        &self,
-        ids: &[TransactionId],
-    ) -> impl Future<Output = Result<HashMap<TransactionId, AccountKey>, StorageError>> + Send;
-
-    /// Loads `accounts` and the named `transactions` (with [`Access::Write`]: under the accounts' row locks,
-    /// taken in key order), opens a [`Ledger`] at `now`, runs `apply` and, for writes, stores its changes and
-    /// commits. `apply` runs again from scratch if the batch had to be retried (a transaction id taken
+    /// Loads `accounts`, the named `transactions` and the accounts that own them (with [`Access::Write`]:
+    /// under the accounts' row locks, taken in key order; missing accounts are created), opens a [`Ledger`] at
+    /// `now`, runs `apply` and, for writes, stores its changes and commits. A named transaction that does not
+    /// exist is simply absent from the ledger. `apply` runs again from scratch if the batch had to be retried (a transaction id taken
     /// concurrently by another account, a deadlock); only the last run's result is returned.
     fn with_ledger<R, F>(
         &self,
@@ -80,6 +83,21 @@ pub trait Store: Send + Sync + 'static {
         cursor: Option<&Cursor>,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Transaction>, StorageError>> + Send;
+
+    /// Accounts with holds past their expiry that no refresh has released yet, at most `limit`.
+    fn accounts_with_expired_holds(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<AccountKey>, StorageError>> + Send;
+
+    /// Holds open at `now`: neither committed, reversed nor expired.
+    fn open_holds(&self, now: Timestamp) -> impl Future<Output = Result<u64, StorageError>> + Send;
+
+    /// Connection pool figures, where there is a pool.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
 
     /// Ready to serve: reachable and fully migrated.
     fn ready(&self) -> impl Future<Output = Result<(), StorageError>> + Send;

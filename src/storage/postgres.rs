@@ -1,13 +1,15 @@
 //! Every SQL statement of the service. Statements are set-based: a batch of any size costs the same round trips.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction as PgTx};
 
-use super::{Access, BatchOutput, Cursor, StorageError, Store, sorted_unique};
+use super::{Access, BatchOutput, Cursor, PoolStats, StorageError, Store, sorted_unique};
 use crate::domain::{
     Account, AccountKey, AgedOut, Changes, KeyId, Ledger, Loaded, Metadata, Timestamp, Transaction,
     TransactionId, TxState, Unit, Window, WindowTotals,
@@ -23,11 +25,13 @@ const MAX_ATTEMPTS: u32 = 5;
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Tasks waiting in `begin` for a connection.
+    waiting: Arc<AtomicU64>,
 }
 
 impl From<sqlx::Error> for StorageError {
     fn from(e: sqlx::Error) -> Self {
-        StorageError::Unavailable(e)
+        StorageError::Unavailable(Arc::new(e))
     }
 }
 
@@ -57,7 +61,14 @@ impl From<StorageError> for Attempt {
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, waiting: Arc::default() }
+    }
+
+    async fn begin(&self) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let tx = self.pool.begin().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        tx
     }
 
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StorageError> {
@@ -88,14 +99,14 @@ impl PgStore {
     where
         F: FnMut(&mut Ledger) -> R,
     {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let rows = match access {
-            Access::Write => lock_accounts(&mut tx, accounts, now).await?,
+            Access::Write => lock_accounts(&mut tx, accounts, ids, now).await?,
             Access::Read => {
                 sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     .execute(&mut *tx)
                     .await?;
-                read_accounts(&mut tx, accounts, now).await?
+                read_accounts(&mut tx, accounts, ids, now).await?
             }
         };
         let (account_ids, loaded) = load(&mut tx, rows, ids, now).await?;
@@ -114,26 +125,6 @@ impl PgStore {
 }
 
 impl Store for PgStore {
-    async fn locate(
-        &self,
-        ids: &[TransactionId],
-    ) -> Result<HashMap<TransactionId, AccountKey>, StorageError> {
-        let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
-        let rows = sqlx::query!(
-            r#"SELECT t.transaction_id, a.key_id, a.unit
-               FROM transactions t JOIN accounts a ON a.id = t.account_id
-               WHERE t.transaction_id = ANY($1)"#,
-            &ids
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok((parse_stored(TransactionId::parse(r.transaction_id))?, account_key(r.key_id, r.unit)?))
-            })
-            .collect()
-    }
-
     async fn with_ledger<R, F>(
         &self,
         access: Access,
@@ -204,6 +195,42 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(TxRow::into_domain).collect()
+    }
+
+    async fn accounts_with_expired_holds(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<AccountKey>, StorageError> {
+        let rows = sqlx::query!(
+            r#"SELECT a.key_id, a.unit FROM accounts a
+               WHERE a.id IN (SELECT DISTINCT t.account_id FROM transactions t
+                              WHERE t.state = 1 AND t.expires_at <= $1 LIMIT $2)"#,
+            now,
+            i64::from(limit)
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|r| account_key(r.key_id, r.unit)).collect()
+    }
+
+    async fn open_holds(&self, now: Timestamp) -> Result<u64, StorageError> {
+        let n = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM transactions WHERE state = 1 AND expires_at > $1"#,
+            now
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn pool_stats(&self) -> Option<PoolStats> {
+        Some(PoolStats {
+            max: self.pool.options().get_max_connections(),
+            open: self.pool.size(),
+            idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            waiting: self.waiting.load(Ordering::Relaxed),
+        })
     }
 
     async fn ready(&self) -> Result<(), StorageError> {
@@ -330,40 +357,39 @@ fn key_columns(accounts: &[AccountKey]) -> (Vec<String>, Vec<String>) {
     accounts.iter().map(|a| (a.key_id.as_str().to_owned(), a.unit.as_str().to_owned())).unzip()
 }
 
-/// `SELECT … FOR UPDATE` of the accounts in key order (the caller sorted them), creating missing ones first.
+/// `SELECT … FOR UPDATE` of the accounts and of the owners of `ids`, all in key order in one statement, then
+/// the same for accounts created because they were missing.
 async fn lock_accounts(
     tx: &mut PgTx<'_, Postgres>,
     accounts: &[AccountKey],
+    ids: &[TransactionId],
     now: Timestamp,
 ) -> Result<Vec<AccountRow>, sqlx::Error> {
-    let mut rows = select_accounts(tx, accounts, true).await?;
-    if rows.len() < accounts.len() {
-        let found: std::collections::HashSet<(&str, &str)> =
-            rows.iter().map(|r| (r.key_id.as_str(), r.unit.as_str())).collect();
-        let missing: Vec<AccountKey> = accounts
-            .iter()
-            .filter(|a| !found.contains(&(a.key_id.as_str(), a.unit.as_str())))
-            .cloned()
-            .collect();
-        let (keys, units) = key_columns(&missing);
-        let aged = |w: Window| vec![now - w.length(); missing.len()];
-        sqlx::query!(
-            r#"INSERT INTO accounts (key_id, unit, aged_daily, aged_weekly, aged_monthly, aged_annual)
-               SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                                    $5::timestamptz[], $6::timestamptz[]) AS n(k, u, d, w, m, a)
-               ORDER BY k, u
-               ON CONFLICT (key_id, unit) DO NOTHING"#,
-            &keys,
-            &units,
-            &aged(Window::Daily),
-            &aged(Window::Weekly),
-            &aged(Window::Monthly),
-            &aged(Window::Annual),
-        )
-        .execute(&mut **tx)
-        .await?;
-        rows.extend(select_accounts(tx, &missing, true).await?);
+    let mut rows = select_accounts(tx, accounts, ids, true).await?;
+    let found: HashSet<(&str, &str)> = rows.iter().map(|r| (r.key_id.as_str(), r.unit.as_str())).collect();
+    let missing: Vec<AccountKey> =
+        accounts.iter().filter(|a| !found.contains(&(a.key_id.as_str(), a.unit.as_str()))).cloned().collect();
+    if missing.is_empty() {
+        return Ok(rows);
     }
+    let (keys, units) = key_columns(&missing);
+    let aged = |w: Window| vec![now - w.length(); missing.len()];
+    sqlx::query!(
+        r#"INSERT INTO accounts (key_id, unit, aged_daily, aged_weekly, aged_monthly, aged_annual)
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                                $5::timestamptz[], $6::timestamptz[]) AS n(k, u, d, w, m, a)
+           ORDER BY k, u
+           ON CONFLICT (key_id, unit) DO NOTHING"#,
+        &keys,
+        &units,
+        &aged(Window::Daily),
+        &aged(Window::Weekly),
+        &aged(Window::Monthly),
+        &aged(Window::Annual),
+    )
+    .execute(&mut **tx)
+    .await?;
+    rows.extend(select_accounts(tx, &missing, &[], true).await?);
     Ok(rows)
 }
 
@@ -371,17 +397,17 @@ async fn lock_accounts(
 async fn read_accounts(
     tx: &mut PgTx<'_, Postgres>,
     accounts: &[AccountKey],
+    ids: &[TransactionId],
     now: Timestamp,
 ) -> Result<Vec<AccountRow>, sqlx::Error> {
-    let rows = select_accounts(tx, accounts, false).await?;
-    let mut out = Vec::with_capacity(accounts.len());
-    let mut by_key: HashMap<(String, String), AccountRow> =
-        rows.into_iter().map(|r| ((r.key_id.clone(), r.unit.clone()), r)).collect();
+    let mut rows = select_accounts(tx, accounts, ids, false).await?;
+    let found: HashSet<(String, String)> = rows.iter().map(|r| (r.key_id.clone(), r.unit.clone())).collect();
     for key in accounts {
-        let k = (key.key_id.as_str().to_owned(), key.unit.as_str().to_owned());
-        out.push(by_key.remove(&k).unwrap_or_else(|| fresh_row(key, now)));
+        if !found.contains(&(key.key_id.as_str().to_owned(), key.unit.as_str().to_owned())) {
+            rows.push(fresh_row(key, now));
+        }
     }
-    Ok(out)
+    Ok(rows)
 }
 
 fn fresh_row(key: &AccountKey, now: Timestamp) -> AccountRow {
@@ -409,12 +435,16 @@ fn fresh_row(key: &AccountKey, now: Timestamp) -> AccountRow {
     }
 }
 
+/// The accounts named by key, and those owning the transactions `ids`, in key order.
 async fn select_accounts(
     tx: &mut PgTx<'_, Postgres>,
     accounts: &[AccountKey],
+    ids: &[TransactionId],
     for_update: bool,
 ) -> Result<Vec<AccountRow>, sqlx::Error> {
     let (keys, units) = key_columns(accounts);
+    let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
+    // The id subquery is a semi-join on the primary key, so the lock step stays one index probe per account.
     if for_update {
         sqlx::query_as!(
             AccountRow,
@@ -423,11 +453,16 @@ async fn select_accounts(
                       held_daily, held_weekly, held_monthly, held_annual,
                       aged_daily, aged_weekly, aged_monthly, aged_annual
                FROM accounts
-               WHERE (key_id, unit) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
+               WHERE id IN (SELECT a.id FROM accounts a
+                            JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
+                              ON a.key_id = k.key_id AND a.unit = k.unit
+                            UNION
+                            SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))
                ORDER BY key_id, unit
                FOR UPDATE"#,
             &keys,
-            &units
+            &units,
+            &ids
         )
         .fetch_all(&mut **tx)
         .await
@@ -439,17 +474,64 @@ async fn select_accounts(
                       held_daily, held_weekly, held_monthly, held_annual,
                       aged_daily, aged_weekly, aged_monthly, aged_annual
                FROM accounts
-               WHERE (key_id, unit) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"#,
+               WHERE id IN (SELECT a.id FROM accounts a
+                            JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
+                              ON a.key_id = k.key_id AND a.unit = k.unit
+                            UNION
+                            SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))"#,
             &keys,
-            &units
+            &units,
+            &ids
         )
         .fetch_all(&mut **tx)
         .await
     }
 }
 
-/// Loads what a ledger needs besides the accounts: the named transactions, the expiring holds and the sums
-/// that age out of each window. Returns the accounts' row ids by key, for writing back.
+/// One row of the load statement: a named transaction (kind 1), an expiring hold (kind 2) or the sums leaving
+/// one aging range (kind 3).
+struct LoadRow {
+    kind: i16,
+    i: Option<i64>,
+    transaction_id: Option<String>,
+    key_id: Option<String>,
+    unit: Option<String>,
+    amount: Option<i64>,
+    held_amount: Option<i64>,
+    state: Option<i16>,
+    created_at: Option<Timestamp>,
+    expires_at: Option<Timestamp>,
+    committed_at: Option<Timestamp>,
+    reversed_at: Option<Timestamp>,
+    committed_late: Option<bool>,
+    metadata: Option<serde_json::Value>,
+    sum_committed: Option<Decimal>,
+    sum_held: Option<Decimal>,
+}
+
+impl LoadRow {
+    fn into_tx(self) -> Result<Transaction, StorageError> {
+        let missing = || StorageError::Corrupt("incomplete transaction row".into());
+        TxRow {
+            transaction_id: self.transaction_id.ok_or_else(missing)?,
+            key_id: self.key_id.ok_or_else(missing)?,
+            unit: self.unit.ok_or_else(missing)?,
+            amount: self.amount.ok_or_else(missing)?,
+            held_amount: self.held_amount.ok_or_else(missing)?,
+            state: self.state.ok_or_else(missing)?,
+            created_at: self.created_at.ok_or_else(missing)?,
+            expires_at: self.expires_at,
+            committed_at: self.committed_at,
+            reversed_at: self.reversed_at,
+            committed_late: self.committed_late.ok_or_else(missing)?,
+            metadata: self.metadata.ok_or_else(missing)?,
+        }
+        .into_domain()
+    }
+}
+
+/// Loads, in one statement, what a ledger needs besides the accounts: the named transactions, the expiring
+/// holds and the sums that age out of each window. Returns the accounts' row ids by key, for writing back.
 async fn load(
     tx: &mut PgTx<'_, Postgres>,
     rows: Vec<AccountRow>,
@@ -457,210 +539,197 @@ async fn load(
     now: Timestamp,
 ) -> Result<(HashMap<AccountKey, i64>, Loaded), Attempt> {
     let mut account_ids = HashMap::with_capacity(rows.len());
-    let mut accounts = Vec::with_capacity(rows.len());
+    let mut loaded = Loaded::default();
     for row in rows {
         let (id, account) = row.into_domain()?;
         account_ids.insert(account.key.clone(), id);
-        accounts.push(account);
+        loaded.accounts.push(account);
     }
+    // Fresh accounts of a read (id 0) have no rows to find.
     let row_ids: Vec<i64> = account_ids.values().copied().filter(|id| *id != 0).collect();
     let named: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
-
-    let transactions = sqlx::query_as!(
-        TxRow,
-        r#"SELECT t.transaction_id, a.key_id, a.unit, t.amount, t.held_amount, t.state, t.created_at,
-                  t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata
-           FROM transactions t JOIN accounts a ON a.id = t.account_id
-           WHERE t.transaction_id = ANY($1)"#,
-        &named
-    )
-    .fetch_all(&mut **tx)
-    .await?;
-    let expiring = sqlx::query_as!(
-        TxRow,
-        r#"SELECT t.transaction_id, a.key_id, a.unit, t.amount, t.held_amount, t.state, t.created_at,
-                  t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata
-           FROM transactions t JOIN accounts a ON a.id = t.account_id
-           WHERE t.account_id = ANY($1) AND t.state = 1 AND t.expires_at <= $2"#,
-        &row_ids,
-        now
-    )
-    .fetch_all(&mut **tx)
-    .await?;
-
-    let mut range_accounts = Vec::new();
+    let mut ranges = Vec::new();
     let (mut range_ids, mut afters, mut uptos) = (Vec::new(), Vec::new(), Vec::new());
-    for account in &accounts {
+    for account in &loaded.accounts {
         let row_id = account_ids[&account.key];
         for range in account.aging_ranges(now).filter(|_| row_id != 0) {
-            range_accounts.push((account.key.clone(), range.window));
+            ranges.push((account.key.clone(), range.window));
             range_ids.push(row_id);
             afters.push(range.after);
             uptos.push(range.upto);
         }
     }
-    let mut aged = Vec::new();
-    if !range_ids.is_empty() {
-        let sums = sqlx::query!(
-            r#"SELECT r.i AS "i!",
-                      COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0) AS "committed!",
-                      COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $4), 0) AS "held!"
-               FROM UNNEST($1::bigint[], $2::timestamptz[], $3::timestamptz[])
-                    WITH ORDINALITY AS r(account_id, after, upto, i)
-               JOIN transactions t
-                 ON t.account_id = r.account_id AND t.created_at > r.after AND t.created_at <= r.upto
-               GROUP BY r.i"#,
-            &range_ids,
-            &afters,
-            &uptos,
-            now
-        )
-        .fetch_all(&mut **tx)
-        .await?;
-        for sum in sums {
-            let (key, window) = usize::try_from(sum.i - 1)
-                .ok()
-                .and_then(|i| range_accounts.get(i))
-                .cloned()
-                .ok_or_else(|| StorageError::Corrupt(format!("aging range {}", sum.i)))?;
-            let out = AgedOut { window, committed: to_i128(sum.committed)?, held: to_i128(sum.held)? };
-            aged.push((key, out));
+    let rows = sqlx::query_as!(
+        LoadRow,
+        r#"SELECT 1::int2 AS "kind!", NULL::int8 AS "i?", t.transaction_id AS "transaction_id?",
+                  a.key_id AS "key_id?", a.unit AS "unit?", t.amount AS "amount?",
+                  t.held_amount AS "held_amount?", t.state AS "state?", t.created_at AS "created_at?",
+                  t.expires_at AS "expires_at?", t.committed_at AS "committed_at?",
+                  t.reversed_at AS "reversed_at?", t.committed_late AS "committed_late?",
+                  t.metadata AS "metadata?", NULL::numeric AS "sum_committed?", NULL::numeric AS "sum_held?"
+           FROM transactions t JOIN accounts a ON a.id = t.account_id
+           WHERE t.transaction_id = ANY($1)
+           UNION ALL
+           SELECT 2::int2, NULL::int8, t.transaction_id, a.key_id, a.unit, t.amount, t.held_amount, t.state,
+                  t.created_at, t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata,
+                  NULL::numeric, NULL::numeric
+           FROM transactions t JOIN accounts a ON a.id = t.account_id
+           WHERE t.account_id = ANY($2) AND t.state = 1 AND t.expires_at <= $3
+           UNION ALL
+           SELECT 3::int2, r.i, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0),
+                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $3), 0)
+           FROM UNNEST($4::bigint[], $5::timestamptz[], $6::timestamptz[])
+                WITH ORDINALITY AS r(account_id, after, upto, i)
+           JOIN transactions t
+             ON t.account_id = r.account_id AND t.created_at > r.after AND t.created_at <= r.upto
+           GROUP BY r.i"#,
+        &named,
+        &row_ids,
+        now,
+        &range_ids,
+        &afters,
+        &uptos,
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in rows {
+        match row.kind {
+            1 => loaded.transactions.push(row.into_tx()?),
+            2 => loaded.expiring.push(row.into_tx()?),
+            _ => {
+                let (key, window) = row
+                    .i
+                    .and_then(|i| usize::try_from(i - 1).ok())
+                    .and_then(|i| ranges.get(i))
+                    .cloned()
+                    .ok_or_else(|| StorageError::Corrupt(format!("aging range {:?}", row.i)))?;
+                let sum = |d: Option<Decimal>| to_i128(d.unwrap_or_default());
+                let out = AgedOut { window, committed: sum(row.sum_committed)?, held: sum(row.sum_held)? };
+                loaded.aged.push((key, out));
+            }
         }
     }
-
-    let loaded = Loaded {
-        accounts,
-        transactions: transactions.into_iter().map(TxRow::into_domain).collect::<Result<_, _>>()?,
-        expiring: expiring.into_iter().map(TxRow::into_domain).collect::<Result<_, _>>()?,
-        aged,
-    };
     Ok((account_ids, loaded))
 }
 
-/// Writes a batch's changes. Returns false when a new transaction id was taken meanwhile by another account's
-/// batch: the caller rolls back and retries, and the retry sees the id as existing.
+/// Writes a batch's changes in one statement. Returns false when a new transaction id was taken meanwhile by
+/// another account's batch: the caller rolls back and retries, and the retry sees the id as existing.
 async fn save(
     tx: &mut PgTx<'_, Postgres>,
     account_ids: &HashMap<AccountKey, i64>,
     changes: Changes,
     now: Timestamp,
 ) -> Result<bool, Attempt> {
-    if !changes.inserted.is_empty() {
-        let n = changes.inserted.len();
-        let mut c = TxColumns::with_capacity(n);
-        let mut owners = Vec::with_capacity(n);
-        let mut held_amounts = Vec::with_capacity(n);
-        let mut created = Vec::with_capacity(n);
-        let mut expires = Vec::with_capacity(n);
-        let mut metadata = Vec::with_capacity(n);
-        for t in &changes.inserted {
-            c.push(t);
-            owners.push(account_ids[&t.account]);
-            held_amounts.push(t.held_amount);
-            created.push(t.created_at);
-            expires.push(t.expires_at);
-            metadata.push(serde_json::to_value(t.metadata.entries()).unwrap_or_default());
+    if changes.inserted.is_empty() && changes.updated.is_empty() && changes.accounts.is_empty() {
+        return Ok(true);
+    }
+    let n = changes.inserted.len();
+    let mut new = TxColumns::with_capacity(n);
+    let mut owners = Vec::with_capacity(n);
+    let mut held_amounts = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut expires = Vec::with_capacity(n);
+    let mut metadata = Vec::with_capacity(n);
+    for t in &changes.inserted {
+        new.push(t);
+        owners.push(account_ids[&t.account]);
+        held_amounts.push(t.held_amount);
+        created.push(t.created_at);
+        expires.push(t.expires_at);
+        metadata.push(serde_json::to_value(t.metadata.entries()).unwrap_or_default());
+    }
+    let mut upd = TxColumns::with_capacity(changes.updated.len());
+    changes.updated.iter().for_each(|t| upd.push(t));
+
+    let mut ids = Vec::new();
+    let mut limits: [Vec<Option<i64>>; 4] = Default::default();
+    let mut committed: [Vec<Decimal>; 4] = Default::default();
+    let mut held: [Vec<Decimal>; 4] = Default::default();
+    let mut aged: [Vec<Timestamp>; 4] = Default::default();
+    for a in &changes.accounts {
+        ids.push(account_ids[&a.key]);
+        for w in Window::ALL {
+            let i = w.index();
+            limits[i].push(a.limits[i]);
+            committed[i].push(to_decimal(a.windows[i].committed)?);
+            held[i].push(to_decimal(a.windows[i].held)?);
+            aged[i].push(a.windows[i].aged_through);
         }
-        let inserted = sqlx::query!(
-            r#"INSERT INTO transactions (transaction_id, account_id, amount, held_amount, state, created_at,
+    }
+    let inserted = sqlx::query_scalar!(
+        r#"WITH ins AS (
+               INSERT INTO transactions (transaction_id, account_id, amount, held_amount, state, created_at,
                                          expires_at, committed_at, reversed_at, committed_late, metadata)
                SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int2[],
                                     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
                                     $10::bool[], $11::jsonb[])
-               ON CONFLICT (transaction_id) DO NOTHING"#,
-            &c.ids,
-            &owners,
-            &c.amounts,
-            &held_amounts,
-            &c.states,
-            &created,
-            &expires as &[Option<Timestamp>],
-            &c.committed_at as &[Option<Timestamp>],
-            &c.reversed_at as &[Option<Timestamp>],
-            &c.late,
-            &metadata,
-        )
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-        if inserted != n as u64 {
-            return Ok(false);
-        }
-    }
-    if !changes.updated.is_empty() {
-        let mut c = TxColumns::with_capacity(changes.updated.len());
-        changes.updated.iter().for_each(|t| c.push(t));
-        sqlx::query!(
-            r#"UPDATE transactions t
+               ON CONFLICT (transaction_id) DO NOTHING
+               RETURNING 1
+           ), upd AS (
+               UPDATE transactions t
                SET amount = u.amount, state = u.state, committed_at = u.committed_at,
                    reversed_at = u.reversed_at, committed_late = u.late
-               FROM UNNEST($1::text[], $2::bigint[], $3::int2[], $4::timestamptz[], $5::timestamptz[],
-                           $6::bool[]) AS u(id, amount, state, committed_at, reversed_at, late)
-               WHERE t.transaction_id = u.id"#,
-            &c.ids,
-            &c.amounts,
-            &c.states,
-            &c.committed_at as &[Option<Timestamp>],
-            &c.reversed_at as &[Option<Timestamp>],
-            &c.late,
-        )
-        .execute(&mut **tx)
-        .await?;
-    }
-    if !changes.accounts.is_empty() {
-        let mut ids = Vec::new();
-        let mut limits: [Vec<Option<i64>>; 4] = Default::default();
-        let mut committed: [Vec<Decimal>; 4] = Default::default();
-        let mut held: [Vec<Decimal>; 4] = Default::default();
-        let mut aged: [Vec<Timestamp>; 4] = Default::default();
-        for a in &changes.accounts {
-            ids.push(account_ids[&a.key]);
-            for w in Window::ALL {
-                let i = w.index();
-                limits[i].push(a.limits[i]);
-                committed[i].push(to_decimal(a.windows[i].committed)?);
-                held[i].push(to_decimal(a.windows[i].held)?);
-                aged[i].push(a.windows[i].aged_through);
-            }
-        }
-        sqlx::query!(
-            r#"UPDATE accounts a
+               FROM UNNEST($12::text[], $13::bigint[], $14::int2[], $15::timestamptz[], $16::timestamptz[],
+                           $17::bool[]) AS u(id, amount, state, committed_at, reversed_at, late)
+               WHERE t.transaction_id = u.id
+           ), acc AS (
+               UPDATE accounts a
                SET limit_daily = u.ld, limit_weekly = u.lw, limit_monthly = u.lm, limit_annual = u.la,
                    committed_daily = u.cd, committed_weekly = u.cw, committed_monthly = u.cm,
                    committed_annual = u.ca,
                    held_daily = u.hd, held_weekly = u.hw, held_monthly = u.hm, held_annual = u.ha,
                    aged_daily = u.ad, aged_weekly = u.aw, aged_monthly = u.am, aged_annual = u.aa,
-                   updated_at = $18
-               FROM UNNEST($1::bigint[],
-                           $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                           $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[],
-                           $10::numeric[], $11::numeric[], $12::numeric[], $13::numeric[],
-                           $14::timestamptz[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[])
+                   updated_at = $35
+               FROM UNNEST($18::bigint[],
+                           $19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[],
+                           $23::numeric[], $24::numeric[], $25::numeric[], $26::numeric[],
+                           $27::numeric[], $28::numeric[], $29::numeric[], $30::numeric[],
+                           $31::timestamptz[], $32::timestamptz[], $33::timestamptz[], $34::timestamptz[])
                     AS u(id, ld, lw, lm, la, cd, cw, cm, ca, hd, hw, hm, ha, ad, aw, am, aa)
-               WHERE a.id = u.id"#,
-            &ids,
-            &limits[0] as &[Option<i64>],
-            &limits[1] as &[Option<i64>],
-            &limits[2] as &[Option<i64>],
-            &limits[3] as &[Option<i64>],
-            &committed[0],
-            &committed[1],
-            &committed[2],
-            &committed[3],
-            &held[0],
-            &held[1],
-            &held[2],
-            &held[3],
-            &aged[0],
-            &aged[1],
-            &aged[2],
-            &aged[3],
-            now,
-        )
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(true)
+               WHERE a.id = u.id
+           )
+           -- Every data-modifying CTE runs to completion whether or not it is read.
+           SELECT count(*) AS "inserted!" FROM ins"#,
+        &new.ids,
+        &owners,
+        &new.amounts,
+        &held_amounts,
+        &new.states,
+        &created,
+        &expires as &[Option<Timestamp>],
+        &new.committed_at as &[Option<Timestamp>],
+        &new.reversed_at as &[Option<Timestamp>],
+        &new.late,
+        &metadata,
+        &upd.ids,
+        &upd.amounts,
+        &upd.states,
+        &upd.committed_at as &[Option<Timestamp>],
+        &upd.reversed_at as &[Option<Timestamp>],
+        &upd.late,
+        &ids,
+        &limits[0] as &[Option<i64>],
+        &limits[1] as &[Option<i64>],
+        &limits[2] as &[Option<i64>],
+        &limits[3] as &[Option<i64>],
+        &committed[0],
+        &committed[1],
+        &committed[2],
+        &committed[3],
+        &held[0],
+        &held[1],
+        &held[2],
+        &held[3],
+        &aged[0],
+        &aged[1],
+        &aged[2],
+        &aged[3],
+        now,
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(inserted == n as i64)
 }
 
 /// The mutable columns of transactions, as parallel arrays for UNNEST.

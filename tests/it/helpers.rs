@@ -8,7 +8,7 @@ use allowance::app::Allowance;
 use allowance::clock::{Clock, ManualClock};
 use allowance::domain::{HoldTtl, Unit};
 use allowance::grpc::pb::spending_limits_client::SpendingLimitsClient;
-use allowance::grpc::{Defaults, Server};
+use allowance::grpc::{Defaults, Lifecycle, Server};
 use allowance::storage::Store;
 use allowance::storage::postgres::PgStore;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -24,6 +24,15 @@ pub fn defaults() -> Defaults {
     Defaults {
         unit: Unit::parse("usd").unwrap(),
         hold_ttl: HoldTtl::parse(chrono::TimeDelta::minutes(15)).unwrap(),
+    }
+}
+
+pub fn lifecycle() -> Lifecycle {
+    Lifecycle {
+        health_interval: Duration::from_millis(100),
+        drain_delay: Duration::ZERO,
+        grace: Duration::from_secs(5),
+        sweep_interval: Duration::from_secs(3600),
     }
 }
 
@@ -43,7 +52,7 @@ impl TestServer {
         let server = Server {
             app: Allowance::new(Arc::new(store), clock),
             defaults: defaults(),
-            health_interval: Duration::from_millis(100),
+            lifecycle: lifecycle(),
         };
         let handle = tokio::spawn(server.run(listener, shutdown.clone()));
         let client = SpendingLimitsClient::new(channel(addr).await);

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use allowance::app::{Allowance, Error};
+use allowance::app::{Allowance, Error, Operation, Outcome};
 use allowance::clock::{Clock, ManualClock};
 use allowance::domain::{
     AccountKey, Amount, HoldTtl, KeyId, Limit, Metadata, Rejection, Reserve, ReserveOutcome, Timestamp,
@@ -280,10 +280,10 @@ async fn apply<S: Store>(app: &Allowance<S>, names: &Names, op: &Op) -> Option<S
             .commit(names.tx(tx), amount.map(|a| Amount::parse("amount", a).unwrap()))
             .await
             .map(|c| Seen::Tx { state: c.transaction.state, amount: c.transaction.amount, late: c.late }),
-        Op::Reverse { tx } => app.reverse(names.tx(tx)).await.map(|t| Seen::Tx {
-            state: t.state,
-            amount: t.amount,
-            late: t.committed_late,
+        Op::Reverse { tx } => app.reverse(names.tx(tx)).await.map(|r| Seen::Tx {
+            state: r.transaction.state,
+            amount: r.transaction.amount,
+            late: r.transaction.committed_late,
         }),
         Op::SetLimit { key, window, limit } => app
             .set_limit(names.account(key), window, limit.map(|l| Limit::parse(l).unwrap()))
@@ -331,6 +331,90 @@ async fn check<S: Store>(store: S, ops: &[Op]) -> Result<(), String> {
     Ok(())
 }
 
+/// The operation a step stands for, if it is one a batch can carry.
+fn operation(names: &Names, op: &Op) -> Option<Operation> {
+    Some(match *op {
+        Op::Reserve { key, tx, amount, ttl_secs, commit } => Operation::Reserve(Reserve {
+            transaction_id: names.tx(tx),
+            account: names.account(key),
+            amount: Amount::parse("amount", amount).unwrap(),
+            hold_ttl: HoldTtl::parse(TimeDelta::seconds(ttl_secs)).unwrap(),
+            commit,
+            metadata: Metadata::default(),
+        }),
+        Op::Commit { tx, amount } => Operation::Commit {
+            transaction_id: names.tx(tx),
+            amount: amount.map(|a| Amount::parse("amount", a).unwrap()),
+        },
+        Op::Reverse { tx } => Operation::Reverse { transaction_id: names.tx(tx) },
+        Op::SetLimit { key, window, limit } => Operation::SetLimit {
+            account: names.account(key),
+            window,
+            limit: limit.map(|l| Limit::parse(l).unwrap()),
+        },
+        Op::Advance(_) | Op::GetTransaction { .. } => return None,
+    })
+}
+
+fn seen_outcome(r: Result<Outcome, Rejection>) -> Seen {
+    match r {
+        Ok(Outcome::Reserved(ReserveOutcome::Allowed { transaction, usage, .. })) => {
+            Seen::Allowed { state: transaction.state, amount: transaction.amount, usage: seen_usage(&usage) }
+        }
+        Ok(Outcome::Reserved(ReserveOutcome::Denied { exceeded, usage })) => {
+            Seen::Denied { exceeded, usage: seen_usage(&usage) }
+        }
+        Ok(Outcome::Committed(c)) => {
+            Seen::Tx { state: c.transaction.state, amount: c.transaction.amount, late: c.late }
+        }
+        Ok(Outcome::Reversed(r)) => Seen::Tx {
+            state: r.transaction.state,
+            amount: r.transaction.amount,
+            late: r.transaction.committed_late,
+        },
+        Ok(Outcome::Limit(_)) => Seen::Limit,
+        Err(e) => seen_error(Error::Rejected(e)),
+    }
+}
+
+/// Runs the same steps as batches (everything between two clock moves in one batch) on `batched` and one
+/// operation at a time on `single`; every result and the final usage and transactions must be identical.
+async fn check_batching<S: Store>(batched: S, single: S, ops: &[Op]) -> Result<(), String> {
+    let clock = ManualClock::new(epoch());
+    let batched = Allowance::new(Arc::new(batched), Arc::new(clock.clone()));
+    let single = Allowance::new(Arc::new(single), Arc::new(clock.clone()));
+    let (nb, ns) = (Names::new(), Names::new());
+    for chunk in ops.split(|op| matches!(op, Op::Advance(_))) {
+        let in_batch: Vec<Operation> = chunk.iter().filter_map(|op| operation(&nb, op)).collect();
+        let got = batched.execute(in_batch).await.map_err(|e| e.to_string())?;
+        let mut want = Vec::new();
+        for op in chunk.iter().filter_map(|op| operation(&ns, op)) {
+            want.extend(single.execute(vec![op]).await.map_err(|e| e.to_string())?);
+        }
+        let got: Vec<Seen> = got.into_iter().map(seen_outcome).collect();
+        let want: Vec<Seen> = want.into_iter().map(seen_outcome).collect();
+        if got != want {
+            return Err(format!("batch {chunk:?}: batched {got:?}, one by one {want:?}"));
+        }
+        clock.advance(TimeDelta::hours(7));
+    }
+    for key in 0..KEYS {
+        let b = batched.get_limits(nb.account(key)).await.map_err(|e| e.to_string())?;
+        let s = single.get_limits(ns.account(key)).await.map_err(|e| e.to_string())?;
+        if b != s {
+            return Err(format!("key {key}: batched usage {b:?}, one by one {s:?}"));
+        }
+    }
+    for tx in 0..TX_IDS {
+        let b = batched.get_transaction(nb.tx(tx)).await.map(|t| (t.state, t.amount, t.expires_at)).ok();
+        let s = single.get_transaction(ns.tx(tx)).await.map(|t| (t.state, t.amount, t.expires_at)).ok();
+        if b != s {
+            return Err(format!("tx {tx}: batched {b:?}, one by one {s:?}"));
+        }
+    }
+    Ok(())
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -342,6 +426,33 @@ proptest! {
     fn memory_store_matches_the_model(ops in prop::collection::vec(op(), 1..60)) {
         let result = runtime().block_on(check(MemoryStore::new(), &ops));
         prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn batched_and_unbatched_execution_agree_in_memory(ops in prop::collection::vec(op(), 1..60)) {
+        let result = runtime().block_on(check_batching(MemoryStore::new(), MemoryStore::new(), &ops));
+        prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+}
+
+#[test]
+fn batched_and_unbatched_execution_agree_on_postgres() {
+    let rt = runtime();
+    let pool = rt.block_on(crate::db::migrated_pool("batching"));
+    let mut runner =
+        proptest::test_runner::TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
+    let result = runner.run(&prop::collection::vec(op(), 1..40), |ops| {
+        let result =
+            rt.block_on(check_batching(PgStore::new(pool.clone()), PgStore::new(pool.clone()), &ops));
+        prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 

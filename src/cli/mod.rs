@@ -1,0 +1,108 @@
+//! The `allowance` command line: the server and the operator's tools in one binary.
+//!
+//! Exit codes: 0 success; 1 error (the gRPC status and message go to stderr; also a health probe that is not
+//! SERVING); 2 bad usage; 3 a reservation that was denied.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{DatabaseConfig, LogFormat, ServeConfig};
+
+mod client;
+mod output;
+mod serve;
+
+pub use client::{ClientOptions, HealthArgs, LimitsCommand, ReserveArgs, TxCommand};
+
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_DENIED: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "allowance",
+    version,
+    about = "Atomic spending limits over gRPC and Postgres",
+    after_help = "Exit codes: 0 success, 1 error (gRPC status on stderr), 2 bad usage, 3 reservation denied.\n\n\
+                  Example:\n  allowance serve --migrate            # with DATABASE_URL set\n  \
+                  allowance limits set --key acct-42 --window daily --limit 1000\n  \
+                  allowance reserve --key acct-42 --tx tr-1 --amount 300"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "ALLOWANCE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API (SpendingLimits, grpc.health.v1, reflection) and Prometheus metrics.
+    #[command(
+        after_help = "Example:\n  DATABASE_URL=postgres://localhost/allowance allowance serve --migrate"
+    )]
+    Serve(Box<ServeConfig>),
+    /// Apply pending database migrations, then exit.
+    #[command(after_help = "Example:\n  DATABASE_URL=postgres://localhost/allowance allowance migrate")]
+    Migrate(DatabaseConfig),
+    /// Read or change a key's limits.
+    #[command(subcommand)]
+    Limits(LimitsCommand),
+    /// Reserve spending: check every limit of the key and hold the amount, or be denied (exit code 3).
+    #[command(
+        after_help = "Examples:\n  allowance reserve --key acct-42 --tx tr-1 --amount 300 --ttl 10m\n  \
+                            allowance reserve --key acct-42 --tx tr-2 --amount 50 --commit --meta order=981"
+    )]
+    Reserve(ReserveArgs),
+    /// Commit a hold for its final amount (default: the held amount).
+    #[command(after_help = "Example:\n  allowance commit --tx tr-1 --amount 250")]
+    Commit(client::CommitArgs),
+    /// Reverse a transaction: release its hold or refund its spend.
+    #[command(after_help = "Example:\n  allowance reverse --tx tr-1")]
+    Reverse(client::ReverseArgs),
+    /// Show transactions.
+    #[command(subcommand)]
+    Tx(TxCommand),
+    /// Probe grpc.health.v1: exit 0 only when SERVING. For containers and scripts.
+    #[command(after_help = "Example:\n  allowance health --addr http://127.0.0.1:50051 && echo ready")]
+    Health(HealthArgs),
+}
+
+impl Command {
+    /// The log level when RUST_LOG is unset: the server tells what it does, the tools stay quiet.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Serve(_) | Command::Migrate(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let telemetry = match crate::telemetry::init(cli.log_format, cli.command.default_log_level()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: setting up telemetry: {e:#}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let code = match cli.command {
+        Command::Serve(config) => report(serve::serve(*config).await),
+        Command::Migrate(db) => report(serve::migrate(db).await),
+        other => client::run(other).await,
+    };
+    telemetry.shutdown();
+    code
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! `allowance serve` and `allowance migrate`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Allowance, BatchConfig};
+use crate::clock::SystemClock;
+use crate::config::{DatabaseConfig, ServeConfig};
+use crate::grpc::{Defaults, Lifecycle, Server};
+use crate::storage::postgres::PgStore;
+
+pub async fn migrate(db: DatabaseConfig) -> anyhow::Result<()> {
+    let store = PgStore::connect(&db.database_url, 1).await.context("connecting to the database")?;
+    store.migrate().await.context("applying migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    // Lazy: the server starts (NOT_SERVING) while the database is down, and becomes ready when it is up.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.database.db_pool_size)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy(&config.database.database_url)
+        .context("DATABASE_URL is not a valid Postgres URL")?;
+    let store = PgStore::new(pool);
+    if config.migrate {
+        store.migrate().await.context("applying migrations")?;
+    }
+    crate::telemetry::install_metrics(config.metrics_listen)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        metrics = %config.metrics_listen,
+        "serving allowance.v1.SpendingLimits"
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    let batching = BatchConfig { workers: config.batch_workers.into(), max_batch: config.batch_max.into() };
+    let server = Server {
+        app: Allowance::new(Arc::new(store.clone()), Arc::new(SystemClock)).with_batching(batching),
+        defaults: Defaults { unit: config.default_unit, hold_ttl: config.default_hold_ttl },
+        lifecycle: Lifecycle {
+            health_interval: config.health_interval,
+            drain_delay: config.shutdown_drain,
+            grace: config.shutdown_grace,
+            sweep_interval: config.sweep_interval,
+        },
+    };
+    server.run(listener, shutdown).await?;
+    store.pool().close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}

@@ -1,0 +1,101 @@
+//! Logs, traces and metrics. Logs go to stderr as text or JSON; spans are exported over OTLP only when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set (nothing is attempted otherwise); metrics are served for Prometheus.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::LogFormat;
+
+/// What must be flushed before the process exits.
+#[must_use]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops span export.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("flushing traces failed: {e}");
+        }
+    }
+}
+
+/// Installs the global subscriber. `default_level` applies when `RUST_LOG` is unset.
+pub fn init(format: LogFormat, default_level: &str) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    // W3C trace context is read from incoming requests whether or not spans are exported.
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_default();
+    let provider = if endpoint.trim().is_empty() {
+        None
+    } else {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .context("building the OTLP span exporter")?;
+        let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "allowance".into());
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+        Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+    };
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("allowance")));
+    tracing_subscriber::registry().with(filter).with(logs).with(otel).try_init()?;
+    Ok(Telemetry { provider })
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Serves `/metrics` on `listen` and describes every metric, so each is listed from the start.
+pub fn install_metrics(listen: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("allowance_batch_size".into()), BATCH_BUCKETS)?
+        .install()
+        .with_context(|| format!("serving metrics on {listen}"))?;
+    describe();
+    gauge!("allowance_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(())
+}
+
+/// Descriptions of every metric the service records.
+pub fn describe() {
+    crate::app::describe_metrics();
+    describe_histogram!(
+        "allowance_grpc_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "gRPC request latency by method and status code."
+    );
+    describe_gauge!("allowance_open_holds", "Holds not yet committed, reversed or expired.");
+    describe_gauge!("allowance_db_pool_connections", "Database connections by state (idle, in_use).");
+    describe_gauge!("allowance_db_pool_max_connections", "Most connections the pool may open.");
+    describe_gauge!("allowance_db_pool_waiting", "Tasks waiting for a database connection.");
+    describe_counter!(
+        "allowance_db_errors_total",
+        "Database failures by kind (unavailable, contended, corrupt)."
+    );
+    describe_gauge!("allowance_ready", "1 while the database is reachable and migrated, else 0.");
+    describe_gauge!("allowance_build_info", "The running version.");
+}
