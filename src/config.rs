@@ -48,7 +48,7 @@ pub struct ServeConfig {
     #[arg(long, env = "ALLOWANCE_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Batches (database transactions) that may run at once; each uses one connection.
-    #[arg(long, env = "ALLOWANCE_BATCH_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, env = "ALLOWANCE_BATCH_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub batch_workers: u16,
     /// Most operations coalesced into one batch; 1 turns group commit off.
     #[arg(long, env = "ALLOWANCE_BATCH_MAX", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]

@@ -300,7 +300,7 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
                 return Ok(ExitCode::from(EXIT_ERROR));
             }
         }
-        Command::Serve(_) | Command::Migrate(_) => unreachable!("not a client command"),
+        Command::Serve(_) | Command::Migrate(_) | Command::Bench(_) => unreachable!("not a client command"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{DatabaseConfig, LogFormat, ServeConfig};
 
+mod bench;
 mod client;
 mod output;
 mod serve;
@@ -67,6 +68,8 @@ pub enum Command {
     /// Probe grpc.health.v1: exit 0 only when SERVING. For containers and scripts.
     #[command(after_help = "Example:\n  allowance health --addr http://127.0.0.1:50051 && echo ready")]
     Health(HealthArgs),
+    /// Drive a running server with load and report operations/s, latency percentiles and errors.
+    Bench(bench::BenchArgs),
 }
 
 impl Command {
@@ -91,6 +94,7 @@ pub async fn main() -> ExitCode {
     let code = match cli.command {
         Command::Serve(config) => report(serve::serve(*config).await),
         Command::Migrate(db) => report(serve::migrate(db).await),
+        Command::Bench(args) => report(bench::run(args).await),
         other => client::run(other).await,
     };
     telemetry.shutdown();

@@ -20,12 +20,13 @@ pub async fn migrate(db: DatabaseConfig) -> anyhow::Result<()> {
 
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    let options = PgStore::connect_options(&config.database.database_url)
+        .context("DATABASE_URL is not a valid Postgres URL")?;
     // Lazy: the server starts (NOT_SERVING) while the database is down, and becomes ready when it is up.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.database.db_pool_size)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy(&config.database.database_url)
-        .context("DATABASE_URL is not a valid Postgres URL")?;
+        .connect_lazy_with(options);
     let store = PgStore::new(pool);
     if config.migrate {
         store.migrate().await.context("applying migrations")?;

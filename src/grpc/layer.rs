@@ -110,8 +110,13 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = method_label(request.uri().path());
-        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
-        let span = tracing::info_span!("grpc.request", rpc.method = method, rpc.grpc.status_code = tracing::field::Empty);
+        let parent =
+            opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
+        let span = tracing::info_span!(
+            "grpc.request",
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty
+        );
         let _ = span.set_parent(parent);
         let started = Instant::now();
         let call = self.inner.call(request);

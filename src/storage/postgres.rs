@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction as PgTx};
 
 use super::{Access, BatchOutput, Cursor, PoolStats, StorageError, Store, sorted_unique};
@@ -71,11 +71,19 @@ impl PgStore {
         tx
     }
 
+    /// Connection settings for `url`.
+    pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+        // Postgres' default plan cache mode stays: a generic plan forced on every statement would be built at
+        // a connection's first use and kept, and one built while the tables were new and unanalysed
+        // (seq scans) stayed slow long after they had grown.
+        Ok(url.parse::<PgConnectOptions>()?.application_name("allowance"))
+    }
+
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StorageError> {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect(url)
+            .connect_with(Self::connect_options(url)?)
             .await?;
         Ok(Self::new(pool))
     }

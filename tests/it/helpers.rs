@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use allowance::app::Allowance;
+use allowance::app::{Allowance, BatchConfig};
 use allowance::clock::{Clock, ManualClock};
 use allowance::domain::{HoldTtl, Unit};
 use allowance::grpc::pb::spending_limits_client::SpendingLimitsClient;
@@ -46,14 +46,16 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start<S: Store>(store: S, clock: Arc<dyn Clock>) -> Self {
+        Self::start_with(store, clock, lifecycle()).await
+    }
+
+    /// A server with group commit on, as `allowance serve` runs it.
+    pub async fn start_with<S: Store>(store: S, clock: Arc<dyn Clock>, lifecycle: Lifecycle) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let server = Server {
-            app: Allowance::new(Arc::new(store), clock),
-            defaults: defaults(),
-            lifecycle: lifecycle(),
-        };
+        let app = Allowance::new(Arc::new(store), clock).with_batching(BatchConfig::default());
+        let server = Server { app, defaults: defaults(), lifecycle };
         let handle = tokio::spawn(server.run(listener, shutdown.clone()));
         let client = SpendingLimitsClient::new(channel(addr).await);
         Self { addr, client, shutdown, handle }
@@ -62,6 +64,11 @@ impl TestServer {
     /// A server on its own pool of the same database, as a second replica would be.
     pub async fn on(pool: &PgPool, clock: &ManualClock) -> Self {
         Self::start(PgStore::new(pool.clone()), Arc::new(clock.clone())).await
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM does.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
     }
 
     /// Stops the server gracefully and returns how its run ended.
@@ -92,6 +99,67 @@ pub async fn channel(addr: SocketAddr) -> Channel {
 pub async fn second_pool(pool: &PgPool, max: u32) -> PgPool {
     let options: PgConnectOptions = (*pool.connect_options()).clone();
     PgPoolOptions::new().max_connections(max).connect_with(options).await.unwrap()
+}
+
+/// A TCP proxy in front of Postgres that a test can cut and restore, to play a database outage.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<std::sync::Mutex<(bool, CancellationToken)>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(std::sync::Mutex::new((true, CancellationToken::new())));
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (up, cut) = {
+                    let s = shared.lock().unwrap();
+                    (s.0, s.1.clone())
+                };
+                if !up {
+                    continue; // dropped: the connection is refused
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    /// Down: every open connection is cut and new ones are refused. Up: connections go through again.
+    pub fn set_up(&self, up: bool) {
+        let mut s = self.state.lock().unwrap();
+        if !up {
+            s.1.cancel();
+            s.1 = CancellationToken::new();
+        }
+        s.0 = up;
+    }
+
+    /// A pool for the database of `pool`, connecting through this proxy.
+    pub fn pool_for(&self, pool: &PgPool) -> PgPool {
+        let options: PgConnectOptions =
+            (*pool.connect_options()).clone().host("127.0.0.1").port(self.addr.port());
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_lazy_with(options)
+    }
+}
+
+/// The Postgres server address of `pool`.
+pub fn upstream(pool: &PgPool) -> SocketAddr {
+    let o = pool.connect_options();
+    let host = if o.get_host() == "localhost" { "127.0.0.1" } else { o.get_host() };
+    format!("{host}:{}", o.get_port()).parse().expect("tests use a TCP Postgres address")
 }
 
 /// Short calls for tests; each panics on a transport error and returns the gRPC result.

@@ -4,4 +4,5 @@ mod concurrency;
 mod db;
 mod grpc;
 mod helpers;
+mod lifecycle;
 mod model;
