@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use metrics::{describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -67,7 +67,7 @@ const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
-/// Serves `/metrics` on `listen` and describes every metric, so each is listed from the start.
+/// Serves `/metrics` on `listen` and describes every metric.
 pub fn install_metrics(listen: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(listen)
@@ -76,8 +76,38 @@ pub fn install_metrics(listen: SocketAddr) -> anyhow::Result<()> {
         .install()
         .with_context(|| format!("serving metrics on {listen}"))?;
     describe();
+    register_at_zero();
     gauge!("allowance_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
+}
+
+/// Counters and gauges start at zero with every label value they can take, so dashboards and alerts see them
+/// from the first scrape (a `rate()` over a series that appears late misses its first increments).
+/// Histograms appear with their first observation.
+fn register_at_zero() {
+    for outcome in ["allowed", "denied", "replayed"] {
+        counter!("allowance_reservations_total", "outcome" => outcome).absolute(0);
+    }
+    for window in crate::domain::Window::ALL {
+        counter!("allowance_reservations_exceeded_total", "window" => window.as_str()).absolute(0);
+    }
+    for late in ["true", "false"] {
+        counter!("allowance_commits_total", "late" => late).absolute(0);
+    }
+    for from in ["held", "committed", "expired", "reversed"] {
+        counter!("allowance_reverses_total", "from" => from).absolute(0);
+    }
+    for kind in ["unavailable", "contended", "corrupt"] {
+        counter!("allowance_db_errors_total", "kind" => kind).absolute(0);
+    }
+    counter!("allowance_holds_expired_total").absolute(0);
+    gauge!("allowance_open_holds").set(0.0);
+    gauge!("allowance_ready").set(0.0);
+    gauge!("allowance_db_pool_waiting").set(0.0);
+    gauge!("allowance_db_pool_max_connections").set(0.0);
+    for state in ["idle", "in_use"] {
+        gauge!("allowance_db_pool_connections", "state" => state).set(0.0);
+    }
 }
 
 /// Descriptions of every metric the service records.

@@ -108,7 +108,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.amount > 0 && args.amount < args.limit,
         "--amount must be positive and below --limit"
     );
-    let endpoint = Endpoint::from_shared(args.addr.clone())?.connect_timeout(Duration::from_secs(5));
+    let endpoint = Endpoint::from_shared(super::client::endpoint_uri(&args.addr))?
+        .connect_timeout(Duration::from_secs(5));
     let mut channels = Vec::new();
     for _ in 0..args.connections {
         channels.push(endpoint.connect().await?);

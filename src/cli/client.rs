@@ -14,7 +14,7 @@ use crate::grpc::pb::{self, spending_limits_client::SpendingLimitsClient};
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientOptions {
-    /// Server address.
+    /// Server address: http://host:port, or host:port.
     #[arg(long, env = "ALLOWANCE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
     /// Print JSON instead of a table.
@@ -81,9 +81,9 @@ pub struct ReserveArgs {
     pub transaction_id: String,
     #[arg(long, allow_negative_numbers = true)]
     pub amount: i64,
-    /// How long the hold lasts (1s to 30d); default: the server's.
-    #[arg(long)]
-    pub ttl: Option<String>,
+    /// How long the hold lasts (1s to 30d), e.g. 10m; default: the server's.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
     /// Record as committed at once, for transfers that settle immediately.
     #[arg(long)]
     pub commit: bool,
@@ -159,8 +159,13 @@ fn window_pb(w: Window) -> i32 {
     crate::grpc::convert::window_to_pb(w).into()
 }
 
+/// `host:port` means plain HTTP/2, as grpcurl takes it.
+pub fn endpoint_uri(addr: &str) -> String {
+    if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") }
+}
+
 async fn connect(options: &ClientOptions) -> Result<Channel, tonic::Status> {
-    let endpoint = Endpoint::from_shared(options.addr.clone())
+    let endpoint = Endpoint::from_shared(endpoint_uri(&options.addr))
         .map_err(|e| tonic::Status::invalid_argument(format!("--addr {}: {e}", options.addr)))?
         .connect_timeout(options.timeout.min(Duration::from_secs(5)))
         .timeout(options.timeout);
@@ -221,17 +226,11 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
             output::usage(Format::of(client.json), r.usage.as_slice());
         }
         Command::Reserve(args) => {
-            let hold_ttl = match &args.ttl {
-                None => None,
-                Some(t) => {
-                    let d = parse_duration(t)
-                        .map_err(|e| tonic::Status::invalid_argument(format!("--ttl: {e}")))?;
-                    Some(
-                        prost_types::Duration::try_from(d)
-                            .map_err(|e| tonic::Status::invalid_argument(format!("--ttl: {e}")))?,
-                    )
-                }
-            };
+            let hold_ttl = args
+                .ttl
+                .map(prost_types::Duration::try_from)
+                .transpose()
+                .map_err(|e| tonic::Status::invalid_argument(format!("--ttl: {e}")))?;
             let r = spending(&args.client)
                 .await?
                 .reserve_spending(pb::ReserveSpendingRequest {

@@ -19,6 +19,9 @@ pub const SERVICE_NAME: &str = "allowance.v1.SpendingLimits";
 /// so that a database outage does not get every replica restarted.
 pub const LIVENESS: &str = "liveness";
 
+/// The longest a readiness check may take before it counts as failed.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How the server stops.
 #[derive(Debug, Clone, Copy)]
 pub struct Lifecycle {
@@ -100,7 +103,9 @@ impl<S: Store> Server<S> {
         };
         shutdown.cancel();
         stopped.cancel();
-        let _ = tokio::join!(watcher, sweeper);
+        // The loops may be waiting on an unreachable database: they must not hold shutdown past the grace.
+        watcher.abort();
+        sweeper.abort();
         result
     }
 }
@@ -118,11 +123,18 @@ async fn watch_health<S: Store>(
 ) {
     let mut last = None;
     loop {
-        let status = match app.store().ready().await {
-            Ok(()) => ServingStatus::Serving,
-            Err(e) => {
+        // Bounded: a database that stopped answering must not hold health at SERVING for the pool's whole
+        // connect timeout.
+        let check = tokio::time::timeout(interval.max(READY_TIMEOUT), app.store().ready()).await;
+        let status = match check {
+            Ok(Ok(())) => ServingStatus::Serving,
+            failed => {
                 if last != Some(ServingStatus::NotServing) {
-                    tracing::warn!(error = %e, "not ready: reporting NOT_SERVING");
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "the readiness check timed out".to_owned(),
+                    };
+                    tracing::warn!(%error, "not ready: reporting NOT_SERVING");
                 }
                 ServingStatus::NotServing
             }
@@ -156,10 +168,6 @@ async fn watch_health<S: Store>(
 /// Releases expired holds of untouched keys and refreshes the open-holds gauge.
 async fn sweep<S: Store>(app: Allowance<S>, interval: Duration, stopped: CancellationToken) {
     loop {
-        tokio::select! {
-            _ = stopped.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
         match app.sweep_expired(100).await {
             Ok(n) if n > 0 => tracing::debug!(released = n, "released expired holds"),
             Ok(_) => {}
@@ -167,6 +175,10 @@ async fn sweep<S: Store>(app: Allowance<S>, interval: Duration, stopped: Cancell
         }
         if let Ok(n) = app.open_holds().await {
             gauge!("allowance_open_holds").set(n as f64);
+        }
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }

@@ -76,6 +76,9 @@ impl PgStore {
         // Postgres' default plan cache mode stays: a generic plan forced on every statement would be built at
         // a connection's first use and kept, and one built while the tables were new and unanalysed
         // (seq scans) stayed slow long after they had grown.
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(sqlx::Error::Configuration("expected a postgres:// or postgresql:// URL".into()));
+        }
         Ok(url.parse::<PgConnectOptions>()?.application_name("allowance"))
     }
 
