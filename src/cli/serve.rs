@@ -26,6 +26,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.database.db_pool_size)
         .acquire_timeout(std::time::Duration::from_secs(5))
+        .max_lifetime(crate::storage::postgres::CONNECTION_LIFETIME)
         .connect_lazy_with(options);
     let store = PgStore::new(pool);
     if config.migrate {

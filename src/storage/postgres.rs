@@ -22,6 +22,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// concurrent batch of another account.
 const MAX_ATTEMPTS: u32 = 5;
 
+/// Connections are replaced this often. Postgres caches a generic plan per prepared statement and connection;
+/// one built while the tables were nearly empty (a fresh database) hash-joins over whole indexes and would be
+/// kept after the tables have grown. Seen in the benchmark: four fifths of the throughput lost until the
+/// connections were replaced. Planning every execution instead (`plan_cache_mode = force_custom_plan`) is
+/// robust but doubled the latency of a reservation at low load.
+pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
@@ -73,9 +80,6 @@ impl PgStore {
 
     /// Connection settings for `url`.
     pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
-        // Postgres' default plan cache mode stays: a generic plan forced on every statement would be built at
-        // a connection's first use and kept, and one built while the tables were new and unanalysed
-        // (seq scans) stayed slow long after they had grown.
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(sqlx::Error::Configuration("expected a postgres:// or postgresql:// URL".into()));
         }
@@ -86,6 +90,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
+            .max_lifetime(CONNECTION_LIFETIME)
             .connect_with(Self::connect_options(url)?)
             .await?;
         Ok(Self::new(pool))
