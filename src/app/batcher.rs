@@ -74,7 +74,8 @@ impl Batcher {
         if self.shards[shard].send(Job { operation: operation.clone(), reply }).await.is_err() {
             return Err(Error::ShuttingDown);
         }
-        let result = answer.await.unwrap_or(Err(Error::ShuttingDown));
+        // Workers answer every job they take, even while stopping; no answer means the batch panicked.
+        let result = answer.await.unwrap_or(Err(Error::Internal));
         if let (Operation::Reserve(r), Ok(Ok(Outcome::Reserved(ReserveOutcome::Allowed { .. })))) =
             (&operation, &result)
         {
@@ -125,8 +126,8 @@ impl Owners {
 }
 
 async fn work<S: Store>(app: Allowance<S>, mut jobs: mpsc::Receiver<Job>, max_batch: usize) {
-    let mut batch = Vec::with_capacity(max_batch);
     while let Some(job) = jobs.recv().await {
+        let mut batch = Vec::with_capacity(max_batch);
         batch.push(job);
         while batch.len() < max_batch {
             match jobs.try_recv() {
@@ -134,7 +135,12 @@ async fn work<S: Store>(app: Allowance<S>, mut jobs: mpsc::Receiver<Job>, max_ba
                 Err(_) => break,
             }
         }
-        run(&app, &mut batch).await;
+        // In a task of its own, so that a bug panicking in one batch fails that batch's callers (their reply
+        // is dropped) and not every later call routed to this worker.
+        let app = app.clone();
+        if let Err(e) = tokio::spawn(async move { run(&app, &mut batch).await }).await {
+            tracing::error!(error = %e, "a batch panicked; its operations failed");
+        }
     }
 }
 

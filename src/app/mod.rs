@@ -29,6 +29,9 @@ pub enum Error {
     /// The service is stopping and takes no new operations.
     #[error("shutting down")]
     ShuttingDown,
+    /// A bug: the operation's batch failed unexpectedly (it was logged).
+    #[error("internal error")]
+    Internal,
 }
 
 /// One operation of a batch.

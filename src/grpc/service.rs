@@ -43,6 +43,7 @@ impl From<Error> for Status {
             Error::ShuttingDown => {
                 Status::unavailable("the server is shutting down; retry on another replica")
             }
+            Error::Internal => Status::internal("internal error"),
             Error::Storage(e @ (StorageError::Unavailable(_) | StorageError::Contended)) => {
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "storage unavailable");
                 Status::unavailable("storage is unavailable; retry later")

@@ -255,48 +255,17 @@ fn seen_error(e: Error) -> Seen {
 }
 
 async fn apply<S: Store>(app: &Allowance<S>, names: &Names, op: &Op) -> Option<Seen> {
-    let seen = match *op {
-        Op::Reserve { key, tx, amount, ttl_secs, commit } => app
-            .reserve(Reserve {
-                transaction_id: names.tx(tx),
-                account: names.account(key),
-                amount: Amount::parse("amount", amount).unwrap(),
-                hold_ttl: HoldTtl::parse(TimeDelta::seconds(ttl_secs)).unwrap(),
-                commit,
-                metadata: Metadata::default(),
-            })
-            .await
-            .map(|r| match r {
-                ReserveOutcome::Allowed { transaction, usage, .. } => Seen::Allowed {
-                    state: transaction.state,
-                    amount: transaction.amount,
-                    usage: seen_usage(&usage),
-                },
-                ReserveOutcome::Denied { exceeded, usage } => {
-                    Seen::Denied { exceeded, usage: seen_usage(&usage) }
-                }
-            }),
-        Op::Commit { tx, amount } => app
-            .commit(names.tx(tx), amount.map(|a| Amount::parse("amount", a).unwrap()))
-            .await
-            .map(|c| Seen::Tx { state: c.transaction.state, amount: c.transaction.amount, late: c.late }),
-        Op::Reverse { tx } => app.reverse(names.tx(tx)).await.map(|r| Seen::Tx {
-            state: r.transaction.state,
-            amount: r.transaction.amount,
-            late: r.transaction.committed_late,
-        }),
-        Op::SetLimit { key, window, limit } => app
-            .set_limit(names.account(key), window, limit.map(|l| Limit::parse(l).unwrap()))
-            .await
-            .map(|_| Seen::Limit),
-        Op::GetTransaction { tx } => app.get_transaction(names.tx(tx)).await.map(|t| Seen::Tx {
+    if let Op::GetTransaction { tx } = *op {
+        let seen = app.get_transaction(names.tx(tx)).await.map(|t| Seen::Tx {
             state: t.state,
             amount: t.amount,
             late: t.committed_late,
-        }),
-        Op::Advance(_) => return None,
-    };
-    Some(seen.unwrap_or_else(seen_error))
+        });
+        return Some(seen.unwrap_or_else(seen_error));
+    }
+    let operation = operation(names, op)?;
+    let mut results = app.execute(vec![operation]).await.expect("the store is available");
+    Some(seen_outcome(results.remove(0)))
 }
 
 /// Runs one case; returns a description of the first difference.
