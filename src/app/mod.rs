@@ -98,6 +98,7 @@ impl<S: Store> Allowance<S> {
 
     /// Runs a batch atomically, in order: each operation sees the effects of those before it, and each gets its
     /// own result — one rejected operation does not fail the others. A storage failure fails them all.
+    #[tracing::instrument(name = "app.execute", skip_all, fields(operations = operations.len()))]
     pub async fn execute(
         &self,
         operations: Vec<Operation>,
@@ -189,6 +190,7 @@ impl<S: Store> Allowance<S> {
 
     /// Releases holds that expired on accounts no call has touched since, so that their state and the
     /// expiry count do not wait for the next call. Returns how many were released.
+    #[tracing::instrument(name = "app.sweep_expired", skip_all)]
     pub async fn sweep_expired(&self, max_accounts: u32) -> Result<u64, Error> {
         let now = self.clock.now();
         let accounts = self
@@ -213,6 +215,7 @@ impl<S: Store> Allowance<S> {
     }
 
     /// Usage of all four windows as of now; reads a snapshot and takes no locks.
+    #[tracing::instrument(name = "app.get_limits", skip_all)]
     pub async fn get_limits(&self, account: AccountKey) -> Result<Vec<WindowUsage>, Error> {
         let now = self.clock.now();
         let out = self
@@ -225,6 +228,7 @@ impl<S: Store> Allowance<S> {
         Ok(out.value)
     }
 
+    #[tracing::instrument(name = "app.get_transaction", skip_all)]
     pub async fn get_transaction(&self, id: TransactionId) -> Result<Transaction, Error> {
         let now = self.clock.now();
         match self.store.get_transaction(&id).await.inspect_err(metrics::storage_error)? {
@@ -234,6 +238,7 @@ impl<S: Store> Allowance<S> {
     }
 
     /// One page of an account's transactions, newest first, and the cursor of the next page if there may be one.
+    #[tracing::instrument(name = "app.list_transactions", skip_all)]
     pub async fn list_transactions(
         &self,
         account: AccountKey,

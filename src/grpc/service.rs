@@ -83,6 +83,7 @@ fn decode_cursor(token: &str) -> Result<Option<Cursor>, InvalidArgument> {
 
 #[tonic::async_trait]
 impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
+    #[tracing::instrument(name = "grpc.reserve_spending", skip_all)]
     async fn reserve_spending(
         &self,
         request: Request<pb::ReserveSpendingRequest>,
@@ -113,6 +114,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         Ok(Response::new(response))
     }
 
+    #[tracing::instrument(name = "grpc.commit", skip_all)]
     async fn commit(
         &self,
         request: Request<pb::CommitRequest>,
@@ -126,6 +128,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         }))
     }
 
+    #[tracing::instrument(name = "grpc.reverse", skip_all)]
     async fn reverse(
         &self,
         request: Request<pb::ReverseRequest>,
@@ -137,6 +140,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         }))
     }
 
+    #[tracing::instrument(name = "grpc.get_limits", skip_all)]
     async fn get_limits(
         &self,
         request: Request<pb::GetLimitsRequest>,
@@ -151,6 +155,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         }))
     }
 
+    #[tracing::instrument(name = "grpc.set_limit", skip_all)]
     async fn set_limit(
         &self,
         request: Request<pb::SetLimitRequest>,
@@ -163,6 +168,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         Ok(Response::new(pb::SetLimitResponse { usage: Some(convert::usage(&usage)) }))
     }
 
+    #[tracing::instrument(name = "grpc.remove_limit", skip_all)]
     async fn remove_limit(
         &self,
         request: Request<pb::RemoveLimitRequest>,
@@ -174,6 +180,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         Ok(Response::new(pb::RemoveLimitResponse { usage: Some(convert::usage(&usage)) }))
     }
 
+    #[tracing::instrument(name = "grpc.get_transaction", skip_all)]
     async fn get_transaction(
         &self,
         request: Request<pb::GetTransactionRequest>,
@@ -183,6 +190,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         Ok(Response::new(convert::transaction(transaction)))
     }
 
+    #[tracing::instrument(name = "grpc.list_transactions", skip_all)]
     async fn list_transactions(
         &self,
         request: Request<pb::ListTransactionsRequest>,

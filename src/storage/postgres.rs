@@ -104,6 +104,7 @@ impl PgStore {
         MIGRATOR.run(&self.pool).await
     }
 
+    #[tracing::instrument(name = "storage.batch", skip_all, fields(?access, accounts = accounts.len()))]
     async fn attempt<R, F>(
         &self,
         access: Access,
