@@ -6,3 +6,4 @@ mod grpc;
 mod helpers;
 mod lifecycle;
 mod model;
+mod tracing;
