@@ -18,9 +18,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::helpers::call::reserve_req;
 use crate::helpers::{TestServer, epoch};
 
-/// A collector that keeps every span it is sent: (trace id, name).
+/// A received span: (trace id, name).
+type Received = (Vec<u8>, String);
+
+/// A collector that keeps every span it is sent.
 #[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<(Vec<u8>, String)>>>);
+struct Collector(Arc<Mutex<Vec<Received>>>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {
