@@ -70,16 +70,21 @@ impl Batcher {
 
     pub(super) async fn submit(&self, operation: Operation) -> Reply {
         let shard = self.shard_of(&operation);
+        // Only a reservation teaches the cache a transaction's owner.
+        let owner = match &operation {
+            Operation::Reserve(r) => Some((r.transaction_id.clone(), r.account.clone())),
+            _ => None,
+        };
         let (reply, answer) = oneshot::channel();
-        if self.shards[shard].send(Job { operation: operation.clone(), reply }).await.is_err() {
+        if self.shards[shard].send(Job { operation, reply }).await.is_err() {
             return Err(Error::ShuttingDown);
         }
         // Workers answer every job they take, even while stopping; no answer means the batch panicked.
         let result = answer.await.unwrap_or(Err(Error::Internal));
-        if let (Operation::Reserve(r), Ok(Ok(Outcome::Reserved(ReserveOutcome::Allowed { .. })))) =
-            (&operation, &result)
+        if let (Some((id, account)), Ok(Ok(Outcome::Reserved(ReserveOutcome::Allowed { .. })))) =
+            (owner, &result)
         {
-            self.lock_owners().insert(r.transaction_id.clone(), r.account.clone());
+            self.lock_owners().insert(id, account);
         }
         result
     }

@@ -23,11 +23,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let options = PgStore::connect_options(&config.database.database_url)
         .context("DATABASE_URL is not a valid Postgres URL")?;
     // Lazy: the server starts (NOT_SERVING) while the database is down, and becomes ready when it is up.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(config.database.db_pool_size)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .max_lifetime(crate::storage::postgres::CONNECTION_LIFETIME)
-        .connect_lazy_with(options);
+    let pool = PgStore::pool_options(config.database.db_pool_size).connect_lazy_with(options);
     let store = PgStore::new(pool);
     if config.migrate {
         store.migrate().await.context("applying migrations")?;

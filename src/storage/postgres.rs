@@ -86,13 +86,17 @@ impl PgStore {
         Ok(url.parse::<PgConnectOptions>()?.application_name("allowance"))
     }
 
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StorageError> {
-        let pool = PgPoolOptions::new()
+    /// Pool settings of the service: a bounded wait for a connection, and connections replaced every
+    /// [`CONNECTION_LIFETIME`].
+    pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+        PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .max_lifetime(CONNECTION_LIFETIME)
-            .connect_with(Self::connect_options(url)?)
-            .await?;
+    }
+
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StorageError> {
+        let pool = Self::pool_options(max_connections).connect_with(Self::connect_options(url)?).await?;
         Ok(Self::new(pool))
     }
 
