@@ -72,7 +72,7 @@ impl Batcher {
         let shard = self.shard_of(&operation);
         // Only a reservation teaches the cache a transaction's owner.
         let owner = match &operation {
-            Operation::Reserve(r) => Some((r.transaction_id.clone(), r.account.clone())),
+            Operation::Reserve(r) => Some((r.transaction_id.clone(), r.accounts[0].clone())),
             _ => None,
         };
         let (reply, answer) = oneshot::channel();
@@ -91,8 +91,12 @@ impl Batcher {
 
     fn shard_of(&self, operation: &Operation) -> usize {
         let hash = match operation {
-            Operation::Reserve(r) => self.hasher.hash_one(&r.account),
-            Operation::SetLimit { account, .. } => self.hasher.hash_one(account),
+            // A reservation of several keys goes with its first, most specific, key (a card, not its
+            // organisation): shared keys are locked in key order by every batch, so any routing is correct.
+            Operation::Reserve(r) => self.hasher.hash_one(&r.accounts[0]),
+            Operation::SetLimit { account, .. }
+            | Operation::PutLimit { account, .. }
+            | Operation::RemoveLimit { account, .. } => self.hasher.hash_one(account),
             Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id } => {
                 match self.lock_owners().get(transaction_id) {
                     Some(account) => self.hasher.hash_one(&account),

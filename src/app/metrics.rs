@@ -85,7 +85,7 @@ pub(super) fn batch(operations: &[Operation], results: &[Result<Outcome, Rejecti
                     continue;
                 }
                 counter!("allowance_reservations_total", "outcome" => "allowed").increment(1);
-                let unit = unit_label(&r.account.unit);
+                let unit = unit_label(&r.accounts[0].unit);
                 counter!("allowance_amount_reserved_total", "unit" => unit.clone())
                     .increment(amount(transaction.amount));
                 if transaction.state == TxState::Committed {
@@ -96,18 +96,22 @@ pub(super) fn batch(operations: &[Operation], results: &[Result<Outcome, Rejecti
             }
             (Operation::Reserve(r), Outcome::Reserved(ReserveOutcome::Denied { exceeded, .. })) => {
                 counter!("allowance_reservations_total", "outcome" => "denied").increment(1);
-                for window in exceeded {
-                    counter!("allowance_reservations_exceeded_total", "window" => window.as_str())
+                for e in exceeded {
+                    // The label keeps its round-1 name and holds the limit's name (chosen by operators, so
+                    // bounded; keys never label a metric).
+                    counter!("allowance_reservations_exceeded_total", "window" => e.usage.name.to_string())
                         .increment(1);
                 }
                 // A normal business outcome, not an error.
-                tracing::debug!(account = %r.account, amount = r.amount.get(), ?exceeded, "reservation denied");
+                let names: Vec<String> =
+                    exceeded.iter().map(|e| format!("{}/{}", e.usage.account, e.usage.name)).collect();
+                tracing::debug!(account = %r.accounts[0], amount = r.amount.get(), exceeded = ?names, "reservation denied");
             }
             (_, Outcome::Committed(Committed { replayed: true, .. })) => {}
             (_, Outcome::Committed(Committed { transaction, late, .. })) => {
                 counter!("allowance_commits_total", "late" => if *late { "true" } else { "false" })
                     .increment(1);
-                counter!("allowance_amount_committed_total", "unit" => unit_label(&transaction.account.unit))
+                counter!("allowance_amount_committed_total", "unit" => unit_label(&transaction.primary().unit))
                     .increment(amount(transaction.amount));
                 if *late {
                     tracing::info!(

@@ -8,10 +8,11 @@ use batcher::Batcher;
 
 use crate::clock::Clock;
 use crate::domain::{
-    AccountKey, Amount, Committed, InvalidArgument, Limit, Rejection, Reserve, ReserveOutcome, Reversed,
-    Transaction, TransactionId, Window, WindowUsage,
+    AccountKey, Amount, Committed, Counted, InvalidArgument, KeyId, Limit, LimitName, LimitSpec, LimitUsage,
+    Period, Plan, PlanName, Rejection, Reserve, ReserveOutcome, Reversed, Transaction, TransactionId, Window,
+    WindowUsage, retry_after,
 };
-use crate::storage::{Access, Cursor, StorageError, Store};
+use crate::storage::{Access, Cursor, PlanDeletion, PlanInfo, StorageError, Store};
 
 mod batcher;
 mod metrics;
@@ -45,11 +46,21 @@ pub enum Operation {
     Reverse {
         transaction_id: TransactionId,
     },
-    /// Sets (`Some`) or removes (`None`) the limit of one window.
+    /// Round 1: sets (`Some`) or removes (`None`) the rolling limit named after a window.
     SetLimit {
         account: AccountKey,
         window: Window,
         limit: Option<Limit>,
+    },
+    /// Sets a key's own limit, replacing one of the same name.
+    PutLimit {
+        account: AccountKey,
+        spec: LimitSpec,
+    },
+    /// Removes a key's own limit.
+    RemoveLimit {
+        account: AccountKey,
+        name: LimitName,
     },
 }
 
@@ -58,8 +69,27 @@ pub enum Outcome {
     Reserved(ReserveOutcome),
     Committed(Committed),
     Reversed(Reversed),
+    /// A round-1 window after [`Operation::SetLimit`].
     Limit(WindowUsage),
+    /// The limit's usage after [`Operation::PutLimit`]; `None` when it sets no amount (unlimited).
+    LimitPut(Option<LimitUsage>),
+    /// Whether [`Operation::RemoveLimit`] found a limit to remove.
+    LimitRemoved(bool),
 }
+
+/// Usage of one account: every effective limit, the round-1 windows and the key's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountUsage {
+    pub limits: Vec<LimitUsage>,
+    pub windows: Vec<WindowUsage>,
+    pub plan: Option<PlanName>,
+    /// The key's own limits as set, including explicit "unlimited" overrides.
+    pub own: Vec<LimitSpec>,
+}
+
+/// Most committed transactions read to work out one `retry_after`; past that the answer is the period's
+/// horizon (a safe upper bound).
+const RETRY_SCAN_ROWS: u32 = 1000;
 
 /// Most transactions returned by one listing page.
 pub const MAX_PAGE_SIZE: u32 = 1000;
@@ -96,6 +126,11 @@ impl<S: Store> Allowance<S> {
         &self.store
     }
 
+    /// The service's clock reading, for validating request values against the current time.
+    pub fn now(&self) -> crate::domain::Timestamp {
+        self.clock.now()
+    }
+
     /// Runs a batch atomically, in order: each operation sees the effects of those before it, and each gets its
     /// own result — one rejected operation does not fail the others. A storage failure fails them all.
     #[tracing::instrument(name = "app.execute", skip_all, fields(operations = operations.len()))]
@@ -105,13 +140,22 @@ impl<S: Store> Allowance<S> {
     ) -> Result<Vec<Result<Outcome, Rejection>>, Error> {
         let mut accounts = Vec::new();
         let mut ids = Vec::new();
+        let mut also = Vec::new();
         for op in &operations {
             match op {
                 Operation::Reserve(r) => {
-                    accounts.push(r.account.clone());
+                    accounts.extend(r.accounts.iter().cloned());
                     ids.push(r.transaction_id.clone());
                 }
-                Operation::SetLimit { account, .. } => accounts.push(account.clone()),
+                Operation::SetLimit { account, window, .. } => {
+                    accounts.push(account.clone());
+                    also.push((account.clone(), Period::Rolling(window.length())));
+                }
+                Operation::PutLimit { account, spec } => {
+                    accounts.push(account.clone());
+                    also.push((account.clone(), spec.period));
+                }
+                Operation::RemoveLimit { account, .. } => accounts.push(account.clone()),
                 Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id } => {
                     ids.push(transaction_id.clone())
                 }
@@ -120,7 +164,7 @@ impl<S: Store> Allowance<S> {
         let now = self.clock.now();
         let out = self
             .store
-            .with_ledger(Access::Write, &accounts, &ids, now, |ledger| {
+            .with_ledger(Access::Write, &accounts, &ids, &also, now, |ledger| {
                 operations
                     .iter()
                     .map(|op| match op.clone() {
@@ -132,7 +176,21 @@ impl<S: Store> Allowance<S> {
                             ledger.reverse(&transaction_id).map(Outcome::Reversed)
                         }
                         Operation::SetLimit { account, window, limit } => {
-                            Ok(Outcome::Limit(ledger.set_limit(&account, window, limit)))
+                            let spec = LimitSpec::of_window(window, limit.map(Limit::get));
+                            match limit {
+                                Some(_) => ledger.put_limit(&account, spec)?,
+                                None => {
+                                    ledger.remove_limit(&account, &spec.name);
+                                    None
+                                }
+                            };
+                            Ok(Outcome::Limit(ledger.account(&account).window_usage(window)))
+                        }
+                        Operation::PutLimit { account, spec } => {
+                            ledger.put_limit(&account, spec).map(Outcome::LimitPut)
+                        }
+                        Operation::RemoveLimit { account, name } => {
+                            Ok(Outcome::LimitRemoved(ledger.remove_limit(&account, &name)))
                         }
                     })
                     .collect::<Vec<_>>()
@@ -140,7 +198,41 @@ impl<S: Store> Allowance<S> {
             .await
             .inspect_err(metrics::storage_error)?;
         metrics::batch(&operations, &out.value, out.expired_holds);
-        Ok(out.value)
+        let mut results = out.value;
+        for (op, result) in operations.iter().zip(&mut results) {
+            if let (Operation::Reserve(r), Ok(Outcome::Reserved(ReserveOutcome::Denied { exceeded, .. }))) =
+                (op, result)
+            {
+                for e in exceeded {
+                    e.retry_after = Some(self.retry_after(&e.usage, r.amount.get(), now).await?);
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// When a denied reservation of `amount` would first fit under one limit if nothing else happened. Reads
+    /// what still counts in the period (after the batch, so a retry of the same batch sees the same).
+    async fn retry_after(
+        &self,
+        usage: &LimitUsage,
+        amount: i64,
+        now: crate::domain::Timestamp,
+    ) -> Result<crate::domain::RetryAfter, Error> {
+        let limit = usage.limit.unwrap_or(i64::MAX);
+        if i128::from(amount) > i128::from(limit) {
+            return Ok(crate::domain::RetryAfter::Never);
+        }
+        let from = match usage.period {
+            Period::Rolling(_) => usage.period.start_at(now) + chrono::TimeDelta::microseconds(1),
+            Period::Calendar(_) => usage.period_start.unwrap_or_else(|| usage.period.start_at(now)),
+        };
+        let counted: Counted = self
+            .store
+            .counted(&usage.account, &usage.period, from, now, RETRY_SCAN_ROWS)
+            .await
+            .inspect_err(metrics::storage_error)?;
+        Ok(retry_after(&usage.period, usage.spent + usage.held, limit, amount, now, &counted))
     }
 
     async fn execute_one(&self, operation: Operation) -> Result<Outcome, Error> {
@@ -188,6 +280,58 @@ impl<S: Store> Allowance<S> {
         }
     }
 
+    /// Sets a key's own limit. Returns its usage, `None` for an explicit "unlimited".
+    pub async fn put_limit(&self, account: AccountKey, spec: LimitSpec) -> Result<Option<LimitUsage>, Error> {
+        match self.execute_one(Operation::PutLimit { account, spec }).await? {
+            Outcome::LimitPut(u) => Ok(u),
+            other => unreachable!("put limit answered {other:?}"),
+        }
+    }
+
+    /// Removes a key's own limit; `NOT_FOUND`-worthy when it had none of that name.
+    pub async fn remove_limit(&self, account: AccountKey, name: LimitName) -> Result<bool, Error> {
+        match self.execute_one(Operation::RemoveLimit { account, name }).await? {
+            Outcome::LimitRemoved(found) => Ok(found),
+            other => unreachable!("remove limit answered {other:?}"),
+        }
+    }
+
+    pub async fn put_plan(&self, plan: Plan) -> Result<PlanInfo, Error> {
+        self.store.put_plan(&plan).await.inspect_err(metrics::storage_error)?;
+        self.get_plan(plan.name).await
+    }
+
+    pub async fn get_plan(&self, name: PlanName) -> Result<PlanInfo, Error> {
+        match self.store.get_plan(&name).await.inspect_err(metrics::storage_error)? {
+            Some(p) => Ok(p),
+            None => Err(Rejection::PlanNotFound(name).into()),
+        }
+    }
+
+    pub async fn list_plans(&self) -> Result<Vec<PlanInfo>, Error> {
+        Ok(self.store.list_plans().await.inspect_err(metrics::storage_error)?)
+    }
+
+    pub async fn delete_plan(&self, name: PlanName) -> Result<(), Error> {
+        match self.store.delete_plan(&name).await.inspect_err(metrics::storage_error)? {
+            PlanDeletion::Deleted => Ok(()),
+            PlanDeletion::NotFound => Err(Rejection::PlanNotFound(name).into()),
+            PlanDeletion::InUse(keys) => Err(Rejection::FailedPrecondition(format!(
+                "plan {name} still has {keys} key(s) on it; move them to another plan first"
+            ))
+            .into()),
+        }
+    }
+
+    /// Puts a key on a plan, or on none.
+    pub async fn assign_plan(&self, key: KeyId, plan: Option<PlanName>) -> Result<(), Error> {
+        if self.store.assign_plan(&key, plan.as_ref()).await.inspect_err(metrics::storage_error)? {
+            return Ok(());
+        }
+        let name = plan.map(|p| p.to_string()).unwrap_or_default();
+        Err(InvalidArgument::new("plan", format!("plan {name} does not exist")).into())
+    }
+
     /// Releases holds that expired on accounts no call has touched since, so that their state and the
     /// expiry count do not wait for the next call. Returns how many were released.
     #[tracing::instrument(name = "app.sweep_expired", skip_all)]
@@ -203,7 +347,7 @@ impl<S: Store> Allowance<S> {
         }
         let out = self
             .store
-            .with_ledger(Access::Write, &accounts, &[], now, |_| ())
+            .with_ledger(Access::Write, &accounts, &[], &[], now, |_| ())
             .await
             .inspect_err(metrics::storage_error)?;
         metrics::expired(out.expired_holds);
@@ -214,14 +358,23 @@ impl<S: Store> Allowance<S> {
         Ok(self.store.open_holds(self.clock.now()).await.inspect_err(metrics::storage_error)?)
     }
 
-    /// Usage of all four windows as of now; reads a snapshot and takes no locks.
+    /// Usage of every limit of an account and of the four round-1 windows as of now; reads a snapshot and
+    /// takes no locks.
     #[tracing::instrument(name = "app.get_limits", skip_all)]
-    pub async fn get_limits(&self, account: AccountKey) -> Result<Vec<WindowUsage>, Error> {
+    pub async fn get_limits(&self, account: AccountKey) -> Result<AccountUsage, Error> {
         let now = self.clock.now();
+        let also: Vec<(AccountKey, Period)> =
+            Window::ALL.iter().map(|w| (account.clone(), Period::Rolling(w.length()))).collect();
         let out = self
             .store
-            .with_ledger(Access::Read, std::slice::from_ref(&account), &[], now, |ledger| {
-                ledger.account(&account).all_usage()
+            .with_ledger(Access::Read, std::slice::from_ref(&account), &[], &also, now, |ledger| {
+                let a = ledger.account(&account);
+                AccountUsage {
+                    limits: a.limit_usage(now),
+                    windows: a.all_windows(),
+                    plan: a.plan.clone(),
+                    own: a.limits.values().cloned().collect(),
+                }
             })
             .await
             .inspect_err(metrics::storage_error)?;

@@ -241,6 +241,7 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
                     hold_ttl,
                     commit: args.commit,
                     metadata: args.metadata.into_iter().collect(),
+                    additional_key_ids: vec![],
                 })
                 .await?
                 .into_inner();

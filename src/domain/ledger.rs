@@ -2,18 +2,19 @@
 //! `now`, then changed by reserve / commit / reverse / limit operations applied in order. Pure: storage loads
 //! the inputs and writes back [`Changes`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
-    Account, AccountKey, AgedOut, Amount, HoldTtl, Limit, Metadata, Timestamp, Transaction, TransactionId,
-    TxState, Window, WindowUsage,
+    Account, AccountKey, AgedOut, Amount, ExpiringHold, HoldTtl, InvalidArgument, LimitName, LimitSpec,
+    LimitUsage, MAX_LIMITS, Metadata, Period, Timestamp, Totals, Transaction, TransactionId, TxState, Window,
+    WindowUsage,
 };
 
-/// A reservation as the caller asked for it, validated.
+/// A reservation as the caller asked for it, validated: one or more accounts of one unit, none repeated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reserve {
     pub transaction_id: TransactionId,
-    pub account: AccountKey,
+    pub accounts: Vec<AccountKey>,
     pub amount: Amount,
     pub hold_ttl: HoldTtl,
     /// Record as committed at once instead of holding.
@@ -21,19 +22,56 @@ pub struct Reserve {
     pub metadata: Metadata,
 }
 
+/// One limit a reservation would exceed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exceeded {
+    pub usage: LimitUsage,
+    /// When the same reservation would first fit if nothing else happened; filled in after the batch (it
+    /// needs a look at history), `None` until then.
+    pub retry_after: Option<super::RetryAfter>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Allowed {
         transaction: Transaction,
-        /// Usage of the windows with a limit, after this reservation.
-        usage: Vec<WindowUsage>,
+        /// Usage of every effective limit of every account charged, after this reservation.
+        usage: Vec<LimitUsage>,
         /// The transaction already existed: a retry, answered without holding again.
         replayed: bool,
     },
     Denied {
-        exceeded: Vec<Window>,
-        usage: Vec<WindowUsage>,
+        /// Every limit of every account that the reservation would exceed.
+        exceeded: Vec<Exceeded>,
+        usage: Vec<LimitUsage>,
     },
+}
+
+impl ReserveOutcome {
+    pub fn usage(&self) -> &[LimitUsage] {
+        match self {
+            ReserveOutcome::Allowed { usage, .. } | ReserveOutcome::Denied { usage, .. } => usage,
+        }
+    }
+
+    /// The round-1 windows that have a limit, of the first account.
+    pub fn windows(&self) -> Vec<WindowUsage> {
+        let usage = self.usage();
+        let Some(first) = usage.first().map(|u| &u.account) else { return Vec::new() };
+        windows_of(usage.iter().filter(|u| &u.account == first))
+    }
+}
+
+/// Usage entries named after round-1 windows, as windows.
+pub fn windows_of<'a>(usage: impl Iterator<Item = &'a LimitUsage>) -> Vec<WindowUsage> {
+    let by_name: HashMap<&str, &LimitUsage> = usage.map(|u| (u.name.as_str(), u)).collect();
+    Window::ALL
+        .into_iter()
+        .filter_map(|window| {
+            let u = by_name.get(window.as_str())?;
+            Some(WindowUsage { window, limit: u.limit, spent: u.spent, held: u.held })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,10 +94,14 @@ pub struct Reversed {
 pub enum Rejection {
     #[error("transaction {0} not found")]
     NotFound(TransactionId),
+    #[error("plan {0} not found")]
+    PlanNotFound(super::PlanName),
     #[error("{0}")]
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error(transparent)]
+    InvalidArgument(#[from] InvalidArgument),
 }
 
 /// What a batch changed, for storage to write back.
@@ -68,7 +110,10 @@ pub struct Changes {
     pub accounts: Vec<Account>,
     pub inserted: Vec<Transaction>,
     pub updated: Vec<Transaction>,
-    /// Holds found expired and released while refreshing.
+    /// Accounts' shares of holds found expired and released while refreshing, whose transaction is not in
+    /// `updated` (that one is written whole).
+    pub expired: Vec<(TransactionId, AccountKey)>,
+    /// Holds released while refreshing (one per account share).
     pub expired_holds: u64,
 }
 
@@ -88,7 +133,7 @@ pub struct Ledger {
     now: Timestamp,
     accounts: BTreeMap<AccountKey, Tracked<Account>>,
     transactions: HashMap<TransactionId, Tracked<Transaction>>,
-    expired_holds: u64,
+    expired: Vec<(TransactionId, AccountKey)>,
 }
 
 /// What storage loaded for a batch, under the accounts' locks.
@@ -97,14 +142,27 @@ pub struct Loaded {
     pub accounts: Vec<Account>,
     /// The transactions the batch's operations name (those that exist).
     pub transactions: Vec<Transaction>,
-    /// Every HELD transaction of these accounts with `expires_at <= now`.
-    pub expiring: Vec<Transaction>,
-    /// Sums of what leaves each window, for the ranges given by [`Account::aging_ranges`].
+    /// Every hold of these accounts past its expiry at `now` that still counts.
+    pub expiring: Vec<ExpiringHold>,
+    /// Sums of what leaves each rolling period, for the ranges given by [`Account::aging_ranges`].
     pub aged: Vec<(AccountKey, AgedOut)>,
+    /// Totals summed from history at `now` for the periods in [`Account::missing_periods`].
+    pub fresh: Vec<(AccountKey, Period, Totals)>,
+    /// Periods to keep totals for besides the accounts' effective limits (see [`Loaded::tracked`]).
+    pub also: Vec<(AccountKey, Period)>,
+}
+
+impl Loaded {
+    /// The periods an account's totals are kept for in this batch: its effective limits', and those the batch
+    /// asked for (a limit about to be set, a round-1 window to report).
+    pub fn tracked(account: &Account, also: &[(AccountKey, Period)]) -> BTreeSet<Period> {
+        let extra: Vec<Period> = also.iter().filter(|(k, _)| k == &account.key).map(|(_, p)| *p).collect();
+        account.tracked_periods(&extra)
+    }
 }
 
 impl Ledger {
-    /// Opens the ledger at `now`: releases expired holds, then ages every window to `now`.
+    /// Opens the ledger at `now`: releases expired holds, then moves every period to `now`.
     pub fn open(now: Timestamp, loaded: Loaded) -> Self {
         let mut ledger = Self {
             now,
@@ -114,25 +172,35 @@ impl Ledger {
                 .into_iter()
                 .map(|t| (t.id.clone(), Tracked::loaded(t)))
                 .collect(),
-            expired_holds: 0,
+            expired: Vec::new(),
         };
         for hold in loaded.expiring {
-            let tx = ledger.transactions.entry(hold.id.clone()).or_insert_with(|| Tracked::loaded(hold));
-            if tx.value.state_at(now) != TxState::Expired || tx.value.state != TxState::Held {
-                continue;
+            if let Some(account) = ledger.accounts.get_mut(&hold.account) {
+                account.value.release_expired(hold.created_at, hold.amount);
+                ledger.expired.push((hold.id, hold.account));
             }
-            tx.value.state = TxState::Expired;
-            if let Some(account) = ledger.accounts.get_mut(&tx.value.account) {
-                account.value.release_expired(tx.value.created_at, tx.value.amount);
+        }
+        for tx in ledger.transactions.values_mut() {
+            if tx.value.state_at(now) == TxState::Expired {
+                tx.value.state = TxState::Expired;
             }
-            ledger.expired_holds += 1;
         }
         let mut aged: HashMap<AccountKey, Vec<AgedOut>> = HashMap::new();
         for (key, out) in loaded.aged {
             aged.entry(key).or_default().push(out);
         }
+        let mut fresh: HashMap<AccountKey, Vec<(Period, Totals)>> = HashMap::new();
+        for (key, period, totals) in loaded.fresh {
+            fresh.entry(key).or_default().push((period, totals));
+        }
         for (key, account) in &mut ledger.accounts {
-            account.value.age_out(now, aged.remove(key).unwrap_or_default());
+            let tracked = Loaded::tracked(&account.value, &loaded.also);
+            account.value.advance(
+                now,
+                aged.remove(key).unwrap_or_default(),
+                &tracked,
+                fresh.remove(key).unwrap_or_default(),
+            );
         }
         ledger
     }
@@ -149,31 +217,43 @@ impl Ledger {
         &mut self.accounts.get_mut(key).expect("the batch locks every account its operations name").value
     }
 
+    /// Usage of every effective limit of `accounts`, in the order named.
+    fn usage_of(&self, accounts: &[AccountKey]) -> Vec<LimitUsage> {
+        accounts.iter().flat_map(|a| self.account(a).limit_usage(self.now)).collect()
+    }
+
     pub fn reserve(&mut self, req: Reserve) -> Result<ReserveOutcome, Rejection> {
         let now = self.now;
         if let Some(existing) = self.transactions.get(&req.transaction_id) {
             let existing = &existing.value;
-            if existing.account != req.account || existing.held_amount != req.amount.get() {
+            if existing.accounts != req.accounts || existing.held_amount != req.amount.get() {
                 return Err(Rejection::AlreadyExists(format!(
-                    "transaction {} already exists with a different key, unit or amount",
+                    "transaction {} already exists with different keys, unit or amount",
                     req.transaction_id
                 )));
             }
             return Ok(ReserveOutcome::Allowed {
                 transaction: existing.clone(),
-                usage: self.account(&req.account).limited_usage(),
+                usage: self.usage_of(&existing.accounts),
                 replayed: true,
             });
         }
-        let account = self.account_mut(&req.account);
-        let exceeded = account.exceeded_by(req.amount.get());
-        if !exceeded.is_empty() {
-            return Ok(ReserveOutcome::Denied { exceeded, usage: account.limited_usage() });
-        }
         let amount = req.amount.get();
+        let mut exceeded = Vec::new();
+        for key in &req.accounts {
+            let account = self.account(key);
+            for limit in account.exceeded_by(amount) {
+                let usage =
+                    account.usage_of(limit.name, limit.period, Some(limit.amount), Some(limit.source), now);
+                exceeded.push(Exceeded { usage, retry_after: None });
+            }
+        }
+        if !exceeded.is_empty() {
+            return Ok(ReserveOutcome::Denied { exceeded, usage: self.usage_of(&req.accounts) });
+        }
         let transaction = Transaction {
             id: req.transaction_id.clone(),
-            account: req.account.clone(),
+            accounts: req.accounts.clone(),
             amount,
             held_amount: amount,
             state: if req.commit { TxState::Committed } else { TxState::Held },
@@ -184,12 +264,11 @@ impl Ledger {
             committed_late: false,
             metadata: req.metadata,
         };
-        if req.commit {
-            account.adjust(now, amount.into(), 0);
-        } else {
-            account.adjust(now, 0, amount.into());
+        let (committed, held) = if req.commit { (amount.into(), 0) } else { (0, amount.into()) };
+        for key in &req.accounts {
+            self.account_mut(key).adjust(now, committed, held);
         }
-        let usage = account.limited_usage();
+        let usage = self.usage_of(&req.accounts);
         self.transactions.insert(req.transaction_id, Tracked { value: transaction.clone(), original: None });
         Ok(ReserveOutcome::Allowed { transaction, usage, replayed: false })
     }
@@ -225,7 +304,9 @@ impl Ledger {
         let late = tx.state == TxState::Expired;
         // An expired hold no longer counts; a live one is released as the spend replaces it.
         let released = if late { 0 } else { i128::from(tx.amount) };
-        self.account_mut(&tx.account).adjust(tx.created_at, final_amount.into(), -released);
+        for key in &tx.accounts {
+            self.account_mut(key).adjust(tx.created_at, final_amount.into(), -released);
+        }
         let tx = self.update(id, |t| {
             t.state = TxState::Committed;
             t.amount = final_amount;
@@ -246,7 +327,9 @@ impl Ledger {
             TxState::Committed => (i128::from(tx.amount), 0),
             TxState::Expired => (0, 0),
         };
-        self.account_mut(&tx.account).adjust(tx.created_at, -committed, -held);
+        for key in &tx.accounts {
+            self.account_mut(key).adjust(tx.created_at, -committed, -held);
+        }
         let transaction = self.update(id, |t| {
             t.state = TxState::Reversed;
             t.reversed_at = Some(now);
@@ -254,11 +337,27 @@ impl Ledger {
         Ok(Reversed { transaction, from: tx.state })
     }
 
-    /// Sets (`Some`) or removes (`None`) the limit of one window.
-    pub fn set_limit(&mut self, key: &AccountKey, window: Window, limit: Option<Limit>) -> WindowUsage {
+    /// Sets a key's own limit (replacing one of the same name). Its period's totals must be loaded: the batch
+    /// asks for them with [`Loaded::also`].
+    pub fn put_limit(&mut self, key: &AccountKey, spec: LimitSpec) -> Result<Option<LimitUsage>, Rejection> {
+        let now = self.now;
         let account = self.account_mut(key);
-        account.limits[window.index()] = limit.map(Limit::get);
-        account.usage(window)
+        if !account.limits.contains_key(&spec.name) && account.limits.len() >= MAX_LIMITS {
+            return Err(InvalidArgument::new(
+                "name",
+                format!("key {key} already has {MAX_LIMITS} limits, the most it may have; remove one first"),
+            )
+            .into());
+        }
+        let name = spec.name.clone();
+        account.limits.insert(name.clone(), spec);
+        Ok(account.limit_usage(now).into_iter().find(|u| u.name == name))
+    }
+
+    /// Removes a key's own limit of that name (a plan's limit of the same name applies again). Returns whether
+    /// there was one.
+    pub fn remove_limit(&mut self, key: &AccountKey, name: &LimitName) -> bool {
+        self.account_mut(key).limits.remove(name).is_some()
     }
 
     fn transaction(&self, id: &TransactionId) -> Result<&Transaction, Rejection> {
@@ -271,10 +370,13 @@ impl Ledger {
         tx.clone()
     }
 
-    /// Everything that differs from what was loaded.
+    /// Everything that differs from what was loaded. Totals are kept only for the periods that the accounts'
+    /// limits now need.
     pub fn into_changes(self) -> Changes {
-        let mut changes = Changes { expired_holds: self.expired_holds, ..Changes::default() };
-        for tracked in self.accounts.into_values() {
+        let mut changes = Changes { expired_holds: self.expired.len() as u64, ..Changes::default() };
+        for mut tracked in self.accounts.into_values() {
+            let keep = tracked.value.tracked_periods(&[]);
+            tracked.value.totals.retain(|p, _| keep.contains(p));
             if tracked.original.as_ref() != Some(&tracked.value) {
                 changes.accounts.push(tracked.value);
             }
@@ -286,9 +388,12 @@ impl Ledger {
                 Some(_) => {}
             }
         }
+        let updated: BTreeSet<&TransactionId> = changes.updated.iter().map(|t| &t.id).collect();
+        changes.expired = self.expired.into_iter().filter(|(id, _)| !updated.contains(id)).collect();
         // Keys sorted: writes lock rows in one order, so concurrent batches cannot deadlock.
         changes.inserted.sort_by(|a, b| a.id.cmp(&b.id));
         changes.updated.sort_by(|a, b| a.id.cmp(&b.id));
+        changes.expired.sort();
         changes
     }
 }

@@ -1,14 +1,26 @@
-//! Pure domain logic: windows, validated values, running totals and the batch state machine. No I/O.
+//! Pure domain logic: periods, limits and plans, validated values, running totals and the batch state
+//! machine. No I/O.
 
 mod account;
 mod ledger;
+mod limit;
+mod period;
 mod transaction;
 mod values;
 mod window;
 
-pub use account::{Account, AgedOut, AgingRange, WindowTotals, WindowUsage};
-pub use ledger::{Changes, Committed, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed};
-pub use transaction::{Transaction, TxState};
+pub use account::{
+    Account, AgedOut, AgingRange, Counted, LimitUsage, RetryAfter, Totals, WindowUsage, counts, retry_after,
+};
+pub use ledger::{
+    Changes, Committed, Exceeded, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed, windows_of,
+};
+pub use limit::{
+    EffectiveLimit, LimitName, LimitSource, LimitSpec, MAX_KEYS_PER_RESERVATION, MAX_LIMITS, Plan, PlanName,
+    effective_limits,
+};
+pub use period::{Calendar, CalendarUnit, MAX_ANCHOR_DISTANCE, MAX_PERIOD_DAYS, Period};
+pub use transaction::{ExpiringHold, Transaction, TxState};
 pub use values::*;
 pub use window::Window;
 

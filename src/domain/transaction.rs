@@ -43,8 +43,11 @@ impl TxState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
     pub id: TransactionId,
-    pub account: AccountKey,
+    /// The accounts it charges, all in one unit, as the caller named them (at least one; the first is the
+    /// round-1 `key_id`).
+    pub accounts: Vec<AccountKey>,
     /// The held amount while held or expired; the final amount once committed; what last counted once reversed.
+    /// Every account is charged the same amount.
     pub amount: i64,
     /// The amount originally reserved.
     pub held_amount: i64,
@@ -60,6 +63,11 @@ pub struct Transaction {
 }
 
 impl Transaction {
+    /// The first account named: the round-1 key and unit.
+    pub fn primary(&self) -> &AccountKey {
+        &self.accounts[0]
+    }
+
     /// The state as of `now`: a hold past its expiry is expired even before any write has recorded it.
     pub fn state_at(&self, now: Timestamp) -> TxState {
         match (self.state, self.expires_at) {
@@ -73,4 +81,14 @@ impl Transaction {
         self.state = self.state_at(now);
         self
     }
+}
+
+/// A hold past its expiry that still counts in one account's totals: one account's share of a transaction,
+/// released (and recorded as expired) by the next refresh of that account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiringHold {
+    pub id: TransactionId,
+    pub account: AccountKey,
+    pub created_at: Timestamp,
+    pub amount: i64,
 }

@@ -1,6 +1,7 @@
 //! Validated values: once built, a value of these types is known to be acceptable, so nothing past the edge
 //! re-checks it.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -18,13 +19,19 @@ pub const MAX_HOLD_TTL: TimeDelta = TimeDelta::days(30);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
 pub struct InvalidArgument {
-    pub field: &'static str,
+    /// The request field at fault, as a path: `limit.period.calendar.time_zone`, `limits[2].name`.
+    pub field: Cow<'static, str>,
     pub reason: String,
 }
 
 impl InvalidArgument {
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self { field, reason: reason.into() }
+    pub fn new(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+
+    /// The same error for a field nested in `parent`.
+    pub fn within(self, parent: &str) -> Self {
+        Self { field: format!("{parent}.{}", self.field).into(), reason: self.reason }
     }
 }
 

@@ -4,23 +4,40 @@ use chrono::TimeDelta;
 
 use super::pb;
 use crate::domain::{
-    AccountKey, HoldTtl, InvalidArgument, KeyId, Timestamp, Transaction, TxState, Unit, Window, WindowUsage,
+    AccountKey, CalendarUnit, Exceeded, HoldTtl, InvalidArgument, KeyId, LimitName, LimitSource, LimitSpec,
+    LimitUsage, MAX_KEYS_PER_RESERVATION, Period, Plan, PlanName, RetryAfter, Timestamp, Transaction,
+    TxState, Unit, Window, WindowUsage,
 };
+use crate::storage::PlanInfo;
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
+pub fn duration(d: TimeDelta) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.num_seconds(), nanos: d.subsec_nanos() }
+}
+
+/// A proto Duration as a TimeDelta, or `None` when it is not a valid one.
+fn delta(d: &prost_types::Duration) -> Option<TimeDelta> {
+    if !(-999_999_999..=999_999_999).contains(&d.nanos)
+        || (d.seconds > 0 && d.nanos < 0)
+        || (d.seconds < 0 && d.nanos > 0)
+    {
+        return None;
+    }
+    TimeDelta::try_seconds(d.seconds).and_then(|s| s.checked_add(&TimeDelta::nanoseconds(d.nanos.into())))
+}
+
+/// A proto Timestamp as an instant; `None` outside what Postgres and chrono can hold.
+fn instant(t: &prost_types::Timestamp) -> Option<Timestamp> {
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    chrono::DateTime::from_timestamp(t.seconds, nanos)
+}
+
 pub fn hold_ttl(d: Option<&prost_types::Duration>, default: HoldTtl) -> Result<HoldTtl, InvalidArgument> {
     let Some(d) = d else { return Ok(default) };
-    let invalid = || InvalidArgument::new("hold_ttl", "is not a valid duration");
-    if !(-999_999_999..=999_999_999).contains(&d.nanos) || (d.seconds > 0 && d.nanos < 0) {
-        return Err(invalid());
-    }
-    let delta = TimeDelta::try_seconds(d.seconds)
-        .and_then(|s| s.checked_add(&TimeDelta::nanoseconds(d.nanos.into())))
-        .ok_or_else(invalid)?;
-    HoldTtl::parse(delta)
+    HoldTtl::parse(delta(d).ok_or_else(|| InvalidArgument::new("hold_ttl", "is not a valid duration"))?)
 }
 
 pub fn window(value: i32) -> Result<Window, InvalidArgument> {
@@ -49,6 +66,193 @@ pub fn account(key_id: String, unit: String, default_unit: &Unit) -> Result<Acco
     Ok(AccountKey::new(KeyId::parse(key_id)?, unit))
 }
 
+/// The accounts a reservation charges: `key_id`, then `additional_key_ids`, all in one unit, none repeated.
+pub fn reservation_accounts(
+    key_id: String,
+    additional: Vec<String>,
+    unit: String,
+    default_unit: &Unit,
+) -> Result<Vec<AccountKey>, InvalidArgument> {
+    let first = account(key_id, unit, default_unit)?;
+    if additional.len() + 1 > MAX_KEYS_PER_RESERVATION {
+        return Err(InvalidArgument::new(
+            "additional_key_ids",
+            format!(
+                "at most {} additional keys ({MAX_KEYS_PER_RESERVATION} in all), got {}",
+                MAX_KEYS_PER_RESERVATION - 1,
+                additional.len()
+            ),
+        ));
+    }
+    let mut accounts = vec![first];
+    for key in additional {
+        let key = KeyId::parse(key).map_err(|e| InvalidArgument::new("additional_key_ids", e.reason))?;
+        if accounts.iter().any(|a| a.key_id == key) {
+            return Err(InvalidArgument::new("additional_key_ids", format!("key {key} is named twice")));
+        }
+        accounts.push(AccountKey::new(key, accounts[0].unit.clone()));
+    }
+    Ok(accounts)
+}
+
+pub fn period(p: Option<pb::Period>, now: Timestamp) -> Result<Period, InvalidArgument> {
+    match p.and_then(|p| p.kind) {
+        None => Err(InvalidArgument::new("period", "must be rolling or calendar")),
+        Some(pb::period::Kind::Rolling(d)) => {
+            let length =
+                delta(&d).ok_or_else(|| InvalidArgument::new("period.rolling", "is not a valid duration"))?;
+            Period::rolling(length)
+        }
+        Some(pb::period::Kind::Calendar(c)) => {
+            let unit = match pb::CalendarUnit::try_from(c.unit) {
+                Ok(pb::CalendarUnit::Day) => CalendarUnit::Day,
+                Ok(pb::CalendarUnit::Week) => CalendarUnit::Week,
+                Ok(pb::CalendarUnit::Month) => CalendarUnit::Month,
+                Ok(pb::CalendarUnit::Year) => CalendarUnit::Year,
+                Ok(pb::CalendarUnit::Unspecified) => {
+                    return Err(InvalidArgument::new("period.calendar.unit", "must be specified"));
+                }
+                Err(_) => {
+                    return Err(InvalidArgument::new(
+                        "period.calendar.unit",
+                        format!("unknown value {}", c.unit),
+                    ));
+                }
+            };
+            let anchor = c
+                .anchor
+                .as_ref()
+                .ok_or_else(|| InvalidArgument::new("period.calendar.anchor", "is required"))
+                .and_then(|a| {
+                    instant(a).ok_or_else(|| {
+                        InvalidArgument::new("period.calendar.anchor", "is not a valid timestamp")
+                    })
+                })?;
+            let zone = if c.time_zone.is_empty() { "UTC" } else { &c.time_zone };
+            Period::calendar(unit, c.count.max(1), anchor, zone, now)
+        }
+    }
+}
+
+pub fn period_to_pb(p: &Period) -> pb::Period {
+    let kind = match p {
+        Period::Rolling(length) => pb::period::Kind::Rolling(duration(*length)),
+        Period::Calendar(c) => pb::period::Kind::Calendar(pb::CalendarPeriod {
+            unit: match c.unit {
+                CalendarUnit::Day => pb::CalendarUnit::Day,
+                CalendarUnit::Week => pb::CalendarUnit::Week,
+                CalendarUnit::Month => pb::CalendarUnit::Month,
+                CalendarUnit::Year => pb::CalendarUnit::Year,
+            }
+            .into(),
+            count: c.count,
+            anchor: Some(timestamp(c.anchor)),
+            time_zone: c.zone.name().to_owned(),
+        }),
+    };
+    pb::Period { kind: Some(kind) }
+}
+
+/// A limit of a request, its errors named under `field` (`limit`, `limits[3]`).
+pub fn limit(l: Option<pb::Limit>, field: &str, now: Timestamp) -> Result<LimitSpec, InvalidArgument> {
+    let l = l.ok_or_else(|| InvalidArgument::new(field.to_owned(), "is required"))?;
+    let name = LimitName::parse(l.name).map_err(|e| e.within(field))?;
+    let period = period(l.period, now).map_err(|e| e.within(field))?;
+    LimitSpec::new(name, period, l.amount).map_err(|e| e.within(field))
+}
+
+pub fn limit_to_pb(l: &LimitSpec) -> pb::Limit {
+    pb::Limit { name: l.name.to_string(), period: Some(period_to_pb(&l.period)), amount: l.amount }
+}
+
+pub fn limit_usage(u: &LimitUsage) -> pb::LimitUsage {
+    pb::LimitUsage {
+        key_id: u.account.key_id.to_string(),
+        name: u.name.to_string(),
+        period: Some(period_to_pb(&u.period)),
+        limit: u.limit.unwrap_or(i64::MAX),
+        spent: saturate(u.spent),
+        held: saturate(u.held),
+        remaining: u.remaining().map(saturate).unwrap_or(i64::MAX),
+        source: match u.source {
+            Some(LimitSource::Key) => pb::LimitSource::Key,
+            Some(LimitSource::Plan) => pb::LimitSource::Plan,
+            None => pb::LimitSource::Unspecified,
+        }
+        .into(),
+        period_start: u.period_start.map(timestamp),
+        resets_at: u.resets_at.map(timestamp),
+    }
+}
+
+pub fn exceeded(e: &Exceeded) -> pb::ExceededLimit {
+    let u = &e.usage;
+    pb::ExceededLimit {
+        key_id: u.account.key_id.to_string(),
+        name: u.name.to_string(),
+        period: Some(period_to_pb(&u.period)),
+        limit: u.limit.unwrap_or(i64::MAX),
+        spent: saturate(u.spent),
+        held: saturate(u.held),
+        retry_after: match e.retry_after {
+            Some(RetryAfter::After(d)) => Some(duration(d)),
+            Some(RetryAfter::Never) | None => None,
+        },
+    }
+}
+
+/// The longest retry_after of a denial's limits, or `None` when one of them can never fit.
+pub fn overall_retry_after(exceeded: &[Exceeded]) -> Option<prost_types::Duration> {
+    let mut longest = TimeDelta::zero();
+    for e in exceeded {
+        match e.retry_after {
+            Some(RetryAfter::After(d)) => longest = longest.max(d),
+            Some(RetryAfter::Never) | None => return None,
+        }
+    }
+    Some(duration(longest))
+}
+
+/// A plan from a request.
+pub fn plan(
+    name: String,
+    limits: Vec<pb::PlanLimit>,
+    default_unit: &Unit,
+    now: Timestamp,
+) -> Result<Plan, InvalidArgument> {
+    let name = PlanName::parse(name).map_err(|e| InvalidArgument::new("name", e.reason))?;
+    let mut specs = Vec::with_capacity(limits.len());
+    for (i, l) in limits.into_iter().enumerate() {
+        let field = format!("limits[{i}]");
+        let unit = if l.unit.is_empty() {
+            default_unit.clone()
+        } else {
+            Unit::parse(l.unit).map_err(|e| e.within(&field))?
+        };
+        let spec =
+            limit(Some(pb::Limit { name: l.name, period: l.period, amount: Some(l.amount) }), &field, now)?;
+        specs.push((unit, spec));
+    }
+    Plan::new(name, specs)
+}
+
+pub fn plan_to_pb(p: PlanInfo) -> pb::Plan {
+    let limits = p
+        .plan
+        .limits
+        .iter()
+        .flat_map(|(unit, specs)| {
+            specs.iter().map(move |s| pb::PlanLimit {
+                unit: unit.to_string(),
+                name: s.name.to_string(),
+                period: Some(period_to_pb(&s.period)),
+                amount: s.amount.unwrap_or(i64::MAX),
+            })
+        })
+        .collect();
+    pb::Plan { name: p.plan.name.to_string(), limits, key_count: p.keys }
+}
+
 /// Totals above i64::MAX (possible on an unlimited key) are reported as i64::MAX.
 fn saturate(v: i128) -> i64 {
     i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
@@ -74,10 +278,13 @@ pub fn state(s: TxState) -> pb::TransactionState {
 }
 
 pub fn transaction(t: Transaction) -> pb::Transaction {
+    let key_ids: Vec<String> = t.accounts.iter().map(|a| a.key_id.to_string()).collect();
+    let primary = t.primary().clone();
     pb::Transaction {
+        key_ids,
         transaction_id: t.id.into_string(),
-        key_id: t.account.key_id.into_string(),
-        unit: t.account.unit.into_string(),
+        key_id: primary.key_id.into_string(),
+        unit: primary.unit.into_string(),
         amount: t.amount,
         state: state(t.state).into(),
         created_at: Some(timestamp(t.created_at)),

@@ -6,7 +6,8 @@ use super::convert;
 use super::pb::{self, spending_limits_server::SpendingLimits};
 use crate::app::{Allowance, DEFAULT_PAGE_SIZE, Error};
 use crate::domain::{
-    Amount, HoldTtl, InvalidArgument, Limit, Metadata, Reserve, ReserveOutcome, TransactionId, Unit,
+    Amount, HoldTtl, InvalidArgument, KeyId, Limit, LimitName, Metadata, PlanName, Reserve, ReserveOutcome,
+    TransactionId, Unit, Window,
 };
 use crate::storage::{Cursor, StorageError, Store};
 
@@ -35,7 +36,10 @@ impl From<Error> for Status {
         use crate::domain::Rejection;
         match e {
             Error::InvalidArgument(e) => Status::invalid_argument(e.to_string()),
-            Error::Rejected(r @ Rejection::NotFound(_)) => Status::not_found(r.to_string()),
+            Error::Rejected(r @ (Rejection::NotFound(_) | Rejection::PlanNotFound(_))) => {
+                Status::not_found(r.to_string())
+            }
+            Error::Rejected(Rejection::InvalidArgument(e)) => Status::invalid_argument(e.to_string()),
             Error::Rejected(r @ Rejection::AlreadyExists(_)) => Status::already_exists(r.to_string()),
             Error::Rejected(r @ Rejection::FailedPrecondition(_)) => {
                 Status::failed_precondition(r.to_string())
@@ -90,26 +94,46 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
     ) -> Result<Response<pb::ReserveSpendingResponse>, Status> {
         let r = request.into_inner();
         let reserve = Reserve {
-            account: convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?,
+            accounts: convert::reservation_accounts(
+                r.key_id,
+                r.additional_key_ids,
+                r.unit,
+                &self.defaults.unit,
+            )
+            .map_err(invalid)?,
             transaction_id: TransactionId::parse(r.transaction_id).map_err(invalid)?,
             amount: Amount::parse("amount", r.amount).map_err(invalid)?,
             hold_ttl: convert::hold_ttl(r.hold_ttl.as_ref(), self.defaults.hold_ttl).map_err(invalid)?,
             commit: r.commit,
             metadata: Metadata::parse(r.metadata).map_err(invalid)?,
         };
-        let response = match self.app.reserve(reserve).await? {
-            ReserveOutcome::Allowed { transaction, usage, .. } => pb::ReserveSpendingResponse {
+        let outcome = self.app.reserve(reserve).await?;
+        let usage = outcome.windows().iter().map(convert::usage).collect();
+        let limits = outcome.usage().iter().map(convert::limit_usage).collect();
+        let response = match outcome {
+            ReserveOutcome::Allowed { transaction, .. } => pb::ReserveSpendingResponse {
                 allowed: true,
-                exceeded: vec![],
-                usage: usage.iter().map(convert::usage).collect(),
+                usage,
+                limits,
                 transaction: Some(convert::transaction(transaction)),
+                ..Default::default()
             },
-            ReserveOutcome::Denied { exceeded, usage } => pb::ReserveSpendingResponse {
-                allowed: false,
-                exceeded: exceeded.into_iter().map(|w| convert::window_to_pb(w).into()).collect(),
-                usage: usage.iter().map(convert::usage).collect(),
-                transaction: None,
-            },
+            ReserveOutcome::Denied { exceeded, .. } => {
+                let windows: Vec<i32> = Window::ALL
+                    .into_iter()
+                    .filter(|w| exceeded.iter().any(|e| e.usage.name.as_str() == w.as_str()))
+                    .map(|w| convert::window_to_pb(w).into())
+                    .collect();
+                pb::ReserveSpendingResponse {
+                    allowed: false,
+                    exceeded: windows,
+                    usage,
+                    limits,
+                    transaction: None,
+                    exceeded_limits: exceeded.iter().map(convert::exceeded).collect(),
+                    retry_after: convert::overall_retry_after(&exceeded),
+                }
+            }
         };
         Ok(Response::new(response))
     }
@@ -151,7 +175,10 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         Ok(Response::new(pb::GetLimitsResponse {
             key_id: account.key_id.into_string(),
             unit: account.unit.into_string(),
-            usage: usage.iter().map(convert::usage).collect(),
+            usage: usage.windows.iter().map(convert::usage).collect(),
+            limits: usage.limits.iter().map(convert::limit_usage).collect(),
+            plan: usage.plan.map(|p| p.to_string()).unwrap_or_default(),
+            key_limits: usage.own.iter().map(convert::limit_to_pb).collect(),
         }))
     }
 
@@ -208,6 +235,88 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
             transactions: page.into_iter().map(convert::transaction).collect(),
             next_page_token: next.as_ref().map(encode_cursor).unwrap_or_default(),
         }))
+    }
+
+    #[tracing::instrument(name = "grpc.put_limit", skip_all)]
+    async fn put_limit(
+        &self,
+        request: Request<pb::PutLimitRequest>,
+    ) -> Result<Response<pb::PutLimitResponse>, Status> {
+        let r = request.into_inner();
+        let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
+        let spec = convert::limit(r.limit, "limit", self.app.now()).map_err(invalid)?;
+        let usage = self.app.put_limit(account, spec).await?;
+        Ok(Response::new(pb::PutLimitResponse { usage: usage.as_ref().map(convert::limit_usage) }))
+    }
+
+    #[tracing::instrument(name = "grpc.delete_limit", skip_all)]
+    async fn delete_limit(
+        &self,
+        request: Request<pb::DeleteLimitRequest>,
+    ) -> Result<Response<pb::DeleteLimitResponse>, Status> {
+        let r = request.into_inner();
+        let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
+        let name = LimitName::parse(r.name).map_err(invalid)?;
+        if !self.app.remove_limit(account.clone(), name.clone()).await? {
+            return Err(Status::not_found(format!("key {account} has no limit named {name} of its own")));
+        }
+        Ok(Response::new(pb::DeleteLimitResponse {}))
+    }
+
+    #[tracing::instrument(name = "grpc.put_plan", skip_all)]
+    async fn put_plan(
+        &self,
+        request: Request<pb::PutPlanRequest>,
+    ) -> Result<Response<pb::PutPlanResponse>, Status> {
+        let r = request.into_inner();
+        let plan = convert::plan(r.name, r.limits, &self.defaults.unit, self.app.now()).map_err(invalid)?;
+        let plan = self.app.put_plan(plan).await?;
+        Ok(Response::new(pb::PutPlanResponse { plan: Some(convert::plan_to_pb(plan)) }))
+    }
+
+    #[tracing::instrument(name = "grpc.get_plan", skip_all)]
+    async fn get_plan(
+        &self,
+        request: Request<pb::GetPlanRequest>,
+    ) -> Result<Response<pb::GetPlanResponse>, Status> {
+        let name = PlanName::parse(request.into_inner().name)
+            .map_err(|e| invalid(InvalidArgument::new("name", e.reason)))?;
+        let plan = self.app.get_plan(name).await?;
+        Ok(Response::new(pb::GetPlanResponse { plan: Some(convert::plan_to_pb(plan)) }))
+    }
+
+    #[tracing::instrument(name = "grpc.list_plans", skip_all)]
+    async fn list_plans(
+        &self,
+        _request: Request<pb::ListPlansRequest>,
+    ) -> Result<Response<pb::ListPlansResponse>, Status> {
+        let plans = self.app.list_plans().await?;
+        Ok(Response::new(pb::ListPlansResponse {
+            plans: plans.into_iter().map(convert::plan_to_pb).collect(),
+        }))
+    }
+
+    #[tracing::instrument(name = "grpc.delete_plan", skip_all)]
+    async fn delete_plan(
+        &self,
+        request: Request<pb::DeletePlanRequest>,
+    ) -> Result<Response<pb::DeletePlanResponse>, Status> {
+        let name = PlanName::parse(request.into_inner().name)
+            .map_err(|e| invalid(InvalidArgument::new("name", e.reason)))?;
+        self.app.delete_plan(name).await?;
+        Ok(Response::new(pb::DeletePlanResponse {}))
+    }
+
+    #[tracing::instrument(name = "grpc.assign_plan", skip_all)]
+    async fn assign_plan(
+        &self,
+        request: Request<pb::AssignPlanRequest>,
+    ) -> Result<Response<pb::AssignPlanResponse>, Status> {
+        let r = request.into_inner();
+        let key = KeyId::parse(r.key_id).map_err(invalid)?;
+        let plan = if r.plan.is_empty() { None } else { Some(PlanName::parse(r.plan).map_err(invalid)?) };
+        self.app.assign_plan(key, plan).await?;
+        Ok(Response::new(pb::AssignPlanResponse {}))
     }
 }
 

@@ -1,12 +1,13 @@
 //! The storage contract kept in memory behind one mutex: every batch is trivially atomic. For tests and for
 //! running the domain without a database; it scans all transactions where Postgres uses an index.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use super::{Access, BatchOutput, Cursor, StorageError, Store, sorted_unique};
+use super::{Access, BatchOutput, Cursor, PlanDeletion, PlanInfo, StorageError, Store, sorted_unique};
 use crate::domain::{
-    Account, AccountKey, AgedOut, Ledger, Loaded, Timestamp, Transaction, TransactionId, TxState,
+    Account, AccountKey, AgedOut, Counted, ExpiringHold, KeyId, Ledger, Loaded, Period, Plan, PlanName,
+    Timestamp, Totals, Transaction, TransactionId, TxState, counts,
 };
 
 #[derive(Default)]
@@ -18,6 +19,11 @@ pub struct MemoryStore {
 struct State {
     accounts: BTreeMap<AccountKey, Account>,
     transactions: BTreeMap<TransactionId, Transaction>,
+    /// Accounts' shares of holds released as expired while the transaction itself still says held (the
+    /// per-row state 4 of Postgres).
+    released: BTreeSet<(TransactionId, AccountKey)>,
+    plans: BTreeMap<PlanName, Plan>,
+    key_plans: BTreeMap<KeyId, PlanName>,
 }
 
 impl MemoryStore {
@@ -31,44 +37,85 @@ impl MemoryStore {
 }
 
 impl State {
-    fn load(&self, accounts: &[AccountKey], ids: &[TransactionId], now: Timestamp) -> Loaded {
-        let owners = ids.iter().filter_map(|id| self.transactions.get(id)).map(|t| t.account.clone());
-        let accounts: Vec<AccountKey> = accounts.iter().cloned().chain(owners).collect();
-        let accounts: Vec<Account> = sorted_unique(&accounts)
-            .into_iter()
-            .map(|key| self.accounts.get(&key).cloned().unwrap_or_else(|| Account::new(key, now)))
-            .collect();
-        let of_batch = |t: &&Transaction| accounts.iter().any(|a| a.key == t.account);
-        let expiring = self
-            .transactions
-            .values()
-            .filter(of_batch)
-            .filter(|t| t.state == TxState::Held && t.expires_at.is_some_and(|e| e <= now))
-            .cloned()
-            .collect();
-        let mut aged = Vec::new();
+    /// What `account`'s share of `t` counts at `now`: (committed, held).
+    fn share(&self, t: &Transaction, account: &AccountKey, now: Timestamp) -> (i128, i128) {
+        match t.state_at(now) {
+            TxState::Committed => (t.amount.into(), 0),
+            TxState::Held if !self.released.contains(&(t.id.clone(), account.clone())) => {
+                (0, t.amount.into())
+            }
+            _ => (0, 0),
+        }
+    }
+
+    fn charging<'a>(&'a self, account: &'a AccountKey) -> impl Iterator<Item = &'a Transaction> + 'a {
+        self.transactions.values().filter(move |t| t.accounts.contains(account))
+    }
+
+    fn account(&self, key: &AccountKey) -> Account {
+        let mut account = self.accounts.get(key).cloned().unwrap_or_else(|| Account::new(key.clone()));
+        account.plan = self.key_plans.get(&key.key_id).cloned();
+        account.plan_limits = account
+            .plan
+            .as_ref()
+            .and_then(|p| self.plans.get(p))
+            .and_then(|p| p.limits.get(&key.unit).cloned())
+            .unwrap_or_default();
+        account
+    }
+
+    fn load(
+        &self,
+        accounts: &[AccountKey],
+        ids: &[TransactionId],
+        also: &[(AccountKey, Period)],
+        now: Timestamp,
+    ) -> Loaded {
+        let owners = ids.iter().filter_map(|id| self.transactions.get(id)).flat_map(|t| t.accounts.clone());
+        let keys: Vec<AccountKey> = accounts.iter().cloned().chain(owners).collect();
+        let accounts: Vec<Account> = sorted_unique(&keys).iter().map(|k| self.account(k)).collect();
+        let mut loaded = Loaded {
+            transactions: ids.iter().filter_map(|id| self.transactions.get(id).cloned()).collect(),
+            ..Loaded::default()
+        };
         for account in &accounts {
-            for range in account.aging_ranges(now) {
-                let leaving = self.transactions.values().filter(|t| {
-                    t.account == account.key && t.created_at > range.after && t.created_at <= range.upto
-                });
-                let mut out = AgedOut { window: range.window, committed: 0, held: 0 };
-                for t in leaving {
-                    match t.state_at(now) {
-                        TxState::Committed => out.committed += i128::from(t.amount),
-                        TxState::Held => out.held += i128::from(t.amount),
-                        TxState::Reversed | TxState::Expired => {}
-                    }
+            let key = &account.key;
+            for t in self.charging(key) {
+                let released = self.released.contains(&(t.id.clone(), key.clone()));
+                if t.state == TxState::Held && !released && t.expires_at.is_some_and(|e| e <= now) {
+                    loaded.expiring.push(ExpiringHold {
+                        id: t.id.clone(),
+                        account: key.clone(),
+                        created_at: t.created_at,
+                        amount: t.amount,
+                    });
                 }
-                aged.push((account.key.clone(), out));
+            }
+            for range in account.aging_ranges(now) {
+                let mut out = AgedOut { period: range.period, committed: 0, held: 0 };
+                for t in
+                    self.charging(key).filter(|t| t.created_at > range.after && t.created_at <= range.upto)
+                {
+                    let (c, h) = self.share(t, key, now);
+                    out.committed += c;
+                    out.held += h;
+                }
+                loaded.aged.push((key.clone(), out));
+            }
+            for period in account.missing_periods(&Loaded::tracked(account, also)) {
+                let since = period.start_at(now);
+                let mut totals = Totals::empty(since);
+                for t in self.charging(key).filter(|t| counts(&period, since, t.created_at)) {
+                    let (c, h) = self.share(t, key, now);
+                    totals.committed += c;
+                    totals.held += h;
+                }
+                loaded.fresh.push((key.clone(), period, totals));
             }
         }
-        Loaded {
-            transactions: ids.iter().filter_map(|id| self.transactions.get(id).cloned()).collect(),
-            accounts,
-            expiring,
-            aged,
-        }
+        loaded.accounts = accounts;
+        loaded.also = also.to_vec();
+        loaded
     }
 }
 
@@ -78,6 +125,7 @@ impl Store for MemoryStore {
         access: Access,
         accounts: &[AccountKey],
         transactions: &[TransactionId],
+        also: &[(AccountKey, Period)],
         now: Timestamp,
         mut apply: F,
     ) -> Result<BatchOutput<R>, StorageError>
@@ -86,7 +134,7 @@ impl Store for MemoryStore {
         F: FnMut(&mut Ledger) -> R + Send,
     {
         let mut state = self.lock();
-        let mut ledger = Ledger::open(now, state.load(accounts, transactions, now));
+        let mut ledger = Ledger::open(now, state.load(accounts, transactions, also, now));
         let value = apply(&mut ledger);
         let changes = ledger.into_changes();
         if access == Access::Write {
@@ -96,6 +144,7 @@ impl Store for MemoryStore {
             for tx in changes.inserted.into_iter().chain(changes.updated) {
                 state.transactions.insert(tx.id.clone(), tx);
             }
+            state.released.extend(changes.expired);
         }
         Ok(BatchOutput { value, expired_holds: changes.expired_holds })
     }
@@ -112,9 +161,7 @@ impl Store for MemoryStore {
     ) -> Result<Vec<Transaction>, StorageError> {
         let state = self.lock();
         let mut txs: Vec<Transaction> = state
-            .transactions
-            .values()
-            .filter(|t| &t.account == account)
+            .charging(account)
             .filter(|t| cursor.is_none_or(|c| (t.created_at, &t.id) < (c.created_at, &c.transaction_id)))
             .cloned()
             .collect();
@@ -133,7 +180,10 @@ impl Store for MemoryStore {
             .transactions
             .values()
             .filter(|t| t.state == TxState::Held && t.state_at(now) == TxState::Expired)
-            .map(|t| t.account.clone())
+            .flat_map(|t| {
+                t.accounts.iter().filter(|a| !state.released.contains(&(t.id.clone(), (*a).clone())))
+            })
+            .cloned()
             .collect();
         let mut keys = sorted_unique(&keys);
         keys.truncate(limit as usize);
@@ -142,6 +192,88 @@ impl Store for MemoryStore {
 
     async fn open_holds(&self, now: Timestamp) -> Result<u64, StorageError> {
         Ok(self.lock().transactions.values().filter(|t| t.state_at(now) == TxState::Held).count() as u64)
+    }
+
+    async fn counted(
+        &self,
+        account: &AccountKey,
+        period: &Period,
+        from: Timestamp,
+        now: Timestamp,
+        max_committed: u32,
+    ) -> Result<Counted, StorageError> {
+        let state = self.lock();
+        let mut counted = Counted { complete: true, ..Counted::default() };
+        for t in state.charging(account).filter(|t| t.created_at >= from) {
+            match (state.share(t, account, now), t.expires_at) {
+                ((0, held), Some(expires_at)) if held > 0 => {
+                    counted.holds.push((t.created_at, expires_at, t.amount))
+                }
+                ((c, _), _) if c > 0 && period.rolling_length().is_some() => {
+                    counted.committed.push((t.created_at, t.amount))
+                }
+                _ => {}
+            }
+        }
+        counted.committed.sort();
+        if counted.committed.len() > max_committed as usize {
+            counted.committed.truncate(max_committed as usize);
+            counted.complete = false;
+        }
+        Ok(counted)
+    }
+
+    async fn put_plan(&self, plan: &Plan) -> Result<(), StorageError> {
+        self.lock().plans.insert(plan.name.clone(), plan.clone());
+        Ok(())
+    }
+
+    async fn get_plan(&self, name: &PlanName) -> Result<Option<PlanInfo>, StorageError> {
+        let state = self.lock();
+        Ok(state.plans.get(name).map(|plan| PlanInfo {
+            plan: plan.clone(),
+            keys: state.key_plans.values().filter(|p| *p == name).count() as u64,
+        }))
+    }
+
+    async fn list_plans(&self) -> Result<Vec<PlanInfo>, StorageError> {
+        let state = self.lock();
+        Ok(state
+            .plans
+            .values()
+            .map(|plan| PlanInfo {
+                plan: plan.clone(),
+                keys: state.key_plans.values().filter(|p| **p == plan.name).count() as u64,
+            })
+            .collect())
+    }
+
+    async fn delete_plan(&self, name: &PlanName) -> Result<PlanDeletion, StorageError> {
+        let mut state = self.lock();
+        if !state.plans.contains_key(name) {
+            return Ok(PlanDeletion::NotFound);
+        }
+        let keys = state.key_plans.values().filter(|p| *p == name).count() as u64;
+        if keys > 0 {
+            return Ok(PlanDeletion::InUse(keys));
+        }
+        state.plans.remove(name);
+        Ok(PlanDeletion::Deleted)
+    }
+
+    async fn assign_plan(&self, key: &KeyId, plan: Option<&PlanName>) -> Result<bool, StorageError> {
+        let mut state = self.lock();
+        match plan {
+            None => {
+                state.key_plans.remove(key);
+                Ok(true)
+            }
+            Some(p) if state.plans.contains_key(p) => {
+                state.key_plans.insert(key.clone(), p.clone());
+                Ok(true)
+            }
+            Some(_) => Ok(false),
+        }
     }
 
     async fn ready(&self) -> Result<(), StorageError> {

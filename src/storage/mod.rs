@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
-use crate::domain::{AccountKey, Ledger, Timestamp, Transaction, TransactionId};
+use crate::domain::{
+    AccountKey, Counted, KeyId, Ledger, Period, Plan, PlanName, Timestamp, Transaction, TransactionId,
+};
 
 pub mod memory;
 pub mod postgres;
@@ -59,11 +61,15 @@ pub trait Store: Send + Sync + 'static {
     /// `now`, runs `apply` and, for writes, stores its changes and commits. A named transaction that does not
     /// exist is simply absent from the ledger. `apply` runs again from scratch if the batch had to be retried (a transaction id taken
     /// concurrently by another account, a deadlock); only the last run's result is returned.
+    ///
+    /// `also` names periods whose totals the batch needs besides those of the accounts' limits (a limit about
+    /// to be set, a round-1 window to report): missing totals are summed from history once.
     fn with_ledger<R, F>(
         &self,
         access: Access,
         accounts: &[AccountKey],
         transactions: &[TransactionId],
+        also: &[(AccountKey, Period)],
         now: Timestamp,
         apply: F,
     ) -> impl Future<Output = Result<BatchOutput<R>, StorageError>> + Send
@@ -94,6 +100,38 @@ pub trait Store: Send + Sync + 'static {
     /// Holds open at `now`: neither committed, reversed nor expired.
     fn open_holds(&self, now: Timestamp) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
+    /// What still counts in `period` of `account` at `now` among transactions created at or after `from`: its
+    /// open holds, and for rolling periods its committed spend oldest first, at most `max_committed` rows.
+    fn counted(
+        &self,
+        account: &AccountKey,
+        period: &Period,
+        from: Timestamp,
+        now: Timestamp,
+        max_committed: u32,
+    ) -> impl Future<Output = Result<Counted, StorageError>> + Send;
+
+    /// Creates or replaces a plan and its limits; keys on it see the new limits from their next call.
+    fn put_plan(&self, plan: &Plan) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    fn get_plan(
+        &self,
+        name: &PlanName,
+    ) -> impl Future<Output = Result<Option<PlanInfo>, StorageError>> + Send;
+
+    fn list_plans(&self) -> impl Future<Output = Result<Vec<PlanInfo>, StorageError>> + Send;
+
+    /// Deletes a plan that no key is on.
+    fn delete_plan(&self, name: &PlanName)
+    -> impl Future<Output = Result<PlanDeletion, StorageError>> + Send;
+
+    /// Puts a key on a plan (`None`: on none). Returns false when the plan does not exist.
+    fn assign_plan(
+        &self,
+        key: &KeyId,
+        plan: Option<&PlanName>,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
     /// Connection pool figures, where there is a pool.
     fn pool_stats(&self) -> Option<PoolStats> {
         None
@@ -101,6 +139,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ready to serve: reachable and fully migrated.
     fn ready(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+}
+
+/// A plan as stored, with how many keys are on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanInfo {
+    pub plan: Plan,
+    pub keys: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanDeletion {
+    Deleted,
+    NotFound,
+    /// Keys are still on it: move them first.
+    InUse(u64),
 }
 
 /// Keys sorted and deduplicated: every batch locks accounts in the same order.

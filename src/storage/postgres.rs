@@ -4,15 +4,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use chrono::TimeDelta;
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::types::Json;
 use sqlx::{Postgres, Transaction as PgTx};
 
-use super::{Access, BatchOutput, Cursor, PoolStats, StorageError, Store, sorted_unique};
+use super::{
+    Access, BatchOutput, Cursor, PlanDeletion, PlanInfo, PoolStats, StorageError, Store, sorted_unique,
+};
 use crate::domain::{
-    Account, AccountKey, AgedOut, Changes, KeyId, Ledger, Loaded, Metadata, Timestamp, Transaction,
-    TransactionId, TxState, Unit, Window, WindowTotals,
+    Account, AccountKey, AgedOut, Changes, Counted, ExpiringHold, KeyId, Ledger, LimitName, LimitSpec,
+    Loaded, Metadata, Period, Plan, PlanName, Timestamp, Totals, Transaction, TransactionId, TxState, Unit,
 };
 
 /// Embedded migrations, the same files `sqlx migrate run` applies.
@@ -114,6 +118,7 @@ impl PgStore {
         access: Access,
         accounts: &[AccountKey],
         ids: &[TransactionId],
+        also: &[(AccountKey, Period)],
         now: Timestamp,
         apply: &mut F,
     ) -> Result<BatchOutput<R>, Attempt>
@@ -122,15 +127,15 @@ impl PgStore {
     {
         let mut tx = self.begin().await?;
         let rows = match access {
-            Access::Write => lock_accounts(&mut tx, accounts, ids, now).await?,
+            Access::Write => lock_accounts(&mut tx, accounts, ids).await?,
             Access::Read => {
                 sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     .execute(&mut *tx)
                     .await?;
-                read_accounts(&mut tx, accounts, ids, now).await?
+                read_accounts(&mut tx, accounts, ids).await?
             }
         };
-        let (account_ids, loaded) = load(&mut tx, rows, ids, now).await?;
+        let (account_ids, loaded) = load(&mut tx, rows, ids, also, now).await?;
         let mut ledger = Ledger::open(now, loaded);
         let value = apply(&mut ledger);
         let changes = ledger.into_changes();
@@ -151,6 +156,7 @@ impl Store for PgStore {
         access: Access,
         accounts: &[AccountKey],
         transactions: &[TransactionId],
+        also: &[(AccountKey, Period)],
         now: Timestamp,
         mut apply: F,
     ) -> Result<BatchOutput<R>, StorageError>
@@ -161,7 +167,7 @@ impl Store for PgStore {
         let accounts = sorted_unique(accounts);
         let mut attempt = 1;
         loop {
-            match self.attempt(access, &accounts, transactions, now, &mut apply).await {
+            match self.attempt(access, &accounts, transactions, also, now, &mut apply).await {
                 Ok(out) => return Ok(out),
                 Err(Attempt::Retry) if attempt < MAX_ATTEMPTS => {
                     attempt += 1;
@@ -176,10 +182,13 @@ impl Store for PgStore {
     async fn get_transaction(&self, id: &TransactionId) -> Result<Option<Transaction>, StorageError> {
         let row = sqlx::query_as!(
             TxRow,
-            r#"SELECT t.transaction_id, a.key_id, a.unit, t.amount, t.held_amount, t.state, t.created_at,
+            r#"SELECT t.transaction_id, k.keys AS "keys!", a.unit, t.amount, t.held_amount, t.state, t.created_at,
                       t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata
                FROM transactions t JOIN accounts a ON a.id = t.account_id
-               WHERE t.transaction_id = $1"#,
+               CROSS JOIN LATERAL (SELECT array_agg(a2.key_id::text ORDER BY t2.position) AS keys
+                                   FROM transactions t2 JOIN accounts a2 ON a2.id = t2.account_id
+                                   WHERE t2.transaction_id = t.transaction_id) k
+               WHERE t.transaction_id = $1 AND t.position = 0"#,
             id.as_str()
         )
         .fetch_optional(&self.pool)
@@ -200,9 +209,14 @@ impl Store for PgStore {
         };
         let rows = sqlx::query_as!(
             TxRow,
-            r#"SELECT t.transaction_id, a.key_id, a.unit, t.amount, t.held_amount, t.state, t.created_at,
-                      t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata
-               FROM accounts a JOIN transactions t ON t.account_id = a.id
+            r#"SELECT p.transaction_id, k.keys AS "keys!", a.unit, p.amount, p.held_amount, p.state, p.created_at,
+                      p.expires_at, p.committed_at, p.reversed_at, p.committed_late, p.metadata
+               FROM accounts a
+               JOIN transactions t ON t.account_id = a.id
+               JOIN transactions p ON p.transaction_id = t.transaction_id AND p.position = 0
+               CROSS JOIN LATERAL (SELECT array_agg(a2.key_id::text ORDER BY t2.position) AS keys
+                                   FROM transactions t2 JOIN accounts a2 ON a2.id = t2.account_id
+                                   WHERE t2.transaction_id = t.transaction_id) k
                WHERE a.key_id = $1 AND a.unit = $2
                  AND (t.created_at < $3 OR (t.created_at = $3 AND t.transaction_id < $4))
                ORDER BY t.created_at DESC, t.transaction_id DESC
@@ -237,12 +251,141 @@ impl Store for PgStore {
 
     async fn open_holds(&self, now: Timestamp) -> Result<u64, StorageError> {
         let n = sqlx::query_scalar!(
-            r#"SELECT count(*) AS "n!" FROM transactions WHERE state = 1 AND expires_at > $1"#,
+            r#"SELECT count(*) AS "n!" FROM transactions WHERE state = 1 AND expires_at > $1 AND position = 0"#,
             now
         )
         .fetch_one(&self.pool)
         .await?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn counted(
+        &self,
+        account: &AccountKey,
+        period: &Period,
+        from: Timestamp,
+        now: Timestamp,
+        max_committed: u32,
+    ) -> Result<Counted, StorageError> {
+        let committed_rows = if period.rolling_length().is_some() { i64::from(max_committed) } else { 0 };
+        let rows = sqlx::query!(
+            r#"WITH acc AS (SELECT id FROM accounts WHERE key_id = $1 AND unit = $2)
+               SELECT 1::int2 AS "kind!", t.created_at AS "created_at!", t.expires_at, t.amount AS "amount!"
+               FROM transactions t JOIN acc ON t.account_id = acc.id
+               WHERE t.state = 1 AND t.expires_at > $4 AND t.created_at >= $3
+               UNION ALL
+               (SELECT 2::int2, t.created_at, NULL, t.amount
+                FROM transactions t JOIN acc ON t.account_id = acc.id
+                WHERE t.state = 2 AND t.created_at >= $3
+                ORDER BY t.created_at
+                LIMIT $5)"#,
+            account.key_id.as_str(),
+            account.unit.as_str(),
+            from,
+            now,
+            committed_rows + 1,
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut counted = Counted { complete: true, ..Counted::default() };
+        for r in rows {
+            match (r.kind, r.expires_at) {
+                (1, Some(expires_at)) => counted.holds.push((r.created_at, expires_at, r.amount)),
+                _ => counted.committed.push((r.created_at, r.amount)),
+            }
+        }
+        counted.committed.sort();
+        if counted.committed.len() as i64 > committed_rows {
+            counted.committed.truncate(max_committed as usize);
+            counted.complete = false;
+        }
+        Ok(counted)
+    }
+
+    async fn put_plan(&self, plan: &Plan) -> Result<(), StorageError> {
+        let (mut units, mut names, mut periods, mut amounts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (unit, specs) in &plan.limits {
+            for spec in specs {
+                units.push(unit.as_str().to_owned());
+                names.push(spec.name.as_str().to_owned());
+                periods.push(spec.period.to_string());
+                amounts.push(spec.amount.unwrap_or(i64::MAX));
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        let plan_id = sqlx::query_scalar!(
+            r#"INSERT INTO plans (name) VALUES ($1)
+               ON CONFLICT (name) DO UPDATE SET updated_at = now()
+               RETURNING id"#,
+            plan.name.as_str()
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        // Two statements: a CTE's DELETE is not visible to the INSERT of the same statement.
+        sqlx::query!("DELETE FROM plan_limits WHERE plan_id = $1", plan_id).execute(&mut *tx).await?;
+        sqlx::query!(
+            r#"INSERT INTO plan_limits (plan_id, unit, name, period, amount)
+               SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[])"#,
+            plan_id,
+            &units,
+            &names,
+            &periods,
+            &amounts,
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_plan(&self, name: &PlanName) -> Result<Option<PlanInfo>, StorageError> {
+        let plans = self.plans(Some(name)).await?;
+        Ok(plans.into_iter().next())
+    }
+
+    async fn list_plans(&self) -> Result<Vec<PlanInfo>, StorageError> {
+        self.plans(None).await
+    }
+
+    async fn delete_plan(&self, name: &PlanName) -> Result<PlanDeletion, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(plan_id) =
+            sqlx::query_scalar!("SELECT id FROM plans WHERE name = $1 FOR UPDATE", name.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(PlanDeletion::NotFound);
+        };
+        let keys =
+            sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM key_plans WHERE plan_id = $1"#, plan_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if keys > 0 {
+            return Ok(PlanDeletion::InUse(u64::try_from(keys).unwrap_or(0)));
+        }
+        sqlx::query!("DELETE FROM plans WHERE id = $1", plan_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(PlanDeletion::Deleted)
+    }
+
+    async fn assign_plan(&self, key: &KeyId, plan: Option<&PlanName>) -> Result<bool, StorageError> {
+        let Some(plan) = plan else {
+            sqlx::query!("DELETE FROM key_plans WHERE key_id = $1", key.as_str()).execute(&self.pool).await?;
+            return Ok(true);
+        };
+        // FOR KEY SHARE on the plan: a concurrent delete waits, and then sees the key on it.
+        let assigned = sqlx::query_scalar!(
+            r#"WITH p AS (SELECT id FROM plans WHERE name = $2 FOR KEY SHARE)
+               INSERT INTO key_plans (key_id, plan_id) SELECT $1, p.id FROM p
+               ON CONFLICT (key_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, updated_at = now()
+               RETURNING 1 AS "one!""#,
+            key.as_str(),
+            plan.as_str()
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(assigned.is_some())
     }
 
     fn pool_stats(&self) -> Option<PoolStats> {
@@ -270,58 +413,134 @@ impl Store for PgStore {
     }
 }
 
+impl PgStore {
+    /// Plans with their limits and key counts: one, or all by name.
+    async fn plans(&self, name: Option<&PlanName>) -> Result<Vec<PlanInfo>, StorageError> {
+        let rows = sqlx::query!(
+            r#"SELECT p.name, l.unit AS "unit?", l.name AS "limit_name?", l.period AS "period?",
+                      l.amount AS "amount?",
+                      (SELECT count(*) FROM key_plans k WHERE k.plan_id = p.id) AS "keys!"
+               FROM plans p LEFT JOIN plan_limits l ON l.plan_id = p.id
+               WHERE $1::text IS NULL OR p.name = $1
+               ORDER BY p.name, l.unit, l.name"#,
+            name.map(PlanName::as_str)
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut plans: Vec<(String, u64, PlanLimits)> = Vec::new();
+        for r in rows {
+            if plans.last().is_none_or(|p| p.0 != r.name) {
+                plans.push((r.name.clone(), u64::try_from(r.keys).unwrap_or(0), Vec::new()));
+            }
+            if let (Some(unit), Some(limit_name), Some(period), Some(amount)) =
+                (r.unit, r.limit_name, r.period, r.amount)
+            {
+                let unit = parse_stored(Unit::parse(unit))?;
+                let spec = stored_limit(StoredLimit { name: limit_name, period, amount: Some(amount) })?;
+                plans.last_mut().expect("pushed above").2.push((unit, spec));
+            }
+        }
+        plans
+            .into_iter()
+            .map(|(name, keys, limits)| {
+                let plan = parse_stored(Plan::new(parse_stored(PlanName::parse(name))?, limits))?;
+                Ok(PlanInfo { plan, keys })
+            })
+            .collect()
+    }
+}
+
+/// A plan's limits as read, before validation.
+type PlanLimits = Vec<(Unit, LimitSpec)>;
+
 fn far_future() -> Timestamp {
     chrono::DateTime::from_timestamp(253_402_300_799, 0).expect("9999-12-31 is representable")
+}
+
+/// A limit as stored in `accounts.limits`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredLimit {
+    name: String,
+    period: String,
+    amount: Option<i64>,
+}
+
+/// One period's totals as stored in `accounts.totals`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredTotals {
+    p: String,
+    #[serde(flatten)]
+    totals: Totals,
+}
+
+fn stored_limit(l: StoredLimit) -> Result<LimitSpec, StorageError> {
+    let period: Period = l.period.parse().map_err(StorageError::Corrupt)?;
+    parse_stored(LimitSpec::new(parse_stored(LimitName::parse(l.name))?, period, l.amount))
 }
 
 struct AccountRow {
     id: i64,
     key_id: String,
     unit: String,
-    limit_daily: Option<i64>,
-    limit_weekly: Option<i64>,
-    limit_monthly: Option<i64>,
-    limit_annual: Option<i64>,
-    committed_daily: Decimal,
-    committed_weekly: Decimal,
-    committed_monthly: Decimal,
-    committed_annual: Decimal,
-    held_daily: Decimal,
-    held_weekly: Decimal,
-    held_monthly: Decimal,
-    held_annual: Decimal,
-    aged_daily: Timestamp,
-    aged_weekly: Timestamp,
-    aged_monthly: Timestamp,
-    aged_annual: Timestamp,
+    limits: Json<Vec<StoredLimit>>,
+    totals: Json<Vec<StoredTotals>>,
+    plan: Option<String>,
+    plan_limits: Option<Json<Vec<StoredLimit>>>,
 }
 
 impl AccountRow {
+    fn fresh(key: &AccountKey) -> Self {
+        AccountRow {
+            id: 0,
+            key_id: key.key_id.as_str().to_owned(),
+            unit: key.unit.as_str().to_owned(),
+            limits: Json(Vec::new()),
+            totals: Json(Vec::new()),
+            plan: None,
+            plan_limits: None,
+        }
+    }
+
     fn into_domain(self) -> Result<(i64, Account), StorageError> {
-        let totals = |committed: Decimal, held: Decimal, aged_through| {
-            Ok::<_, StorageError>(WindowTotals {
-                committed: to_i128(committed)?,
-                held: to_i128(held)?,
-                aged_through,
-            })
-        };
-        let account = Account {
-            key: account_key(self.key_id, self.unit)?,
-            limits: [self.limit_daily, self.limit_weekly, self.limit_monthly, self.limit_annual],
-            windows: [
-                totals(self.committed_daily, self.held_daily, self.aged_daily)?,
-                totals(self.committed_weekly, self.held_weekly, self.aged_weekly)?,
-                totals(self.committed_monthly, self.held_monthly, self.aged_monthly)?,
-                totals(self.committed_annual, self.held_annual, self.aged_annual)?,
-            ],
-        };
+        let mut account = Account::new(account_key(self.key_id, self.unit)?);
+        for l in self.limits.0 {
+            let spec = stored_limit(l)?;
+            account.limits.insert(spec.name.clone(), spec);
+        }
+        for t in self.totals.0 {
+            account.totals.insert(t.p.parse().map_err(StorageError::Corrupt)?, t.totals);
+        }
+        account.plan = self.plan.map(|p| parse_stored(PlanName::parse(p))).transpose()?;
+        account.plan_limits = self
+            .plan_limits
+            .map(|l| l.0)
+            .unwrap_or_default()
+            .into_iter()
+            .map(stored_limit)
+            .collect::<Result<_, _>>()?;
         Ok((self.id, account))
     }
 }
 
+fn limits_json(a: &Account) -> serde_json::Value {
+    let limits: Vec<StoredLimit> = a
+        .limits
+        .values()
+        .map(|l| StoredLimit { name: l.name.to_string(), period: l.period.to_string(), amount: l.amount })
+        .collect();
+    serde_json::to_value(limits).expect("limits serialise")
+}
+
+fn totals_json(a: &Account) -> serde_json::Value {
+    let totals: Vec<StoredTotals> =
+        a.totals.iter().map(|(p, t)| StoredTotals { p: p.to_string(), totals: *t }).collect();
+    serde_json::to_value(totals).expect("totals serialise")
+}
+
+/// A transaction with every account it charges: `keys` in position order, the first row's metadata.
 struct TxRow {
     transaction_id: String,
-    key_id: String,
+    keys: Vec<String>,
     unit: String,
     amount: i64,
     held_amount: i64,
@@ -338,9 +557,17 @@ impl TxRow {
     fn into_domain(self) -> Result<Transaction, StorageError> {
         let metadata: std::collections::BTreeMap<String, String> = serde_json::from_value(self.metadata)
             .map_err(|e| StorageError::Corrupt(format!("metadata: {e}")))?;
+        let accounts = self
+            .keys
+            .into_iter()
+            .map(|k| account_key(k, self.unit.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if accounts.is_empty() {
+            return Err(StorageError::Corrupt(format!("transaction {} has no key", self.transaction_id)));
+        }
         Ok(Transaction {
             id: parse_stored(TransactionId::parse(self.transaction_id))?,
-            account: account_key(self.key_id, self.unit)?,
+            accounts,
             amount: self.amount,
             held_amount: self.held_amount,
             state: TxState::from_code(self.state)
@@ -369,11 +596,6 @@ fn to_i128(d: Decimal) -> Result<i128, StorageError> {
         .ok_or_else(|| StorageError::Corrupt(format!("total {d} is not a whole number")))
 }
 
-fn to_decimal(v: i128) -> Result<Decimal, StorageError> {
-    Decimal::try_from_i128_with_scale(v, 0)
-        .map_err(|_| StorageError::Corrupt(format!("total {v} exceeds 96 bits")))
-}
-
 fn key_columns(accounts: &[AccountKey]) -> (Vec<String>, Vec<String>) {
     accounts.iter().map(|a| (a.key_id.as_str().to_owned(), a.unit.as_str().to_owned())).unzip()
 }
@@ -384,7 +606,6 @@ async fn lock_accounts(
     tx: &mut PgTx<'_, Postgres>,
     accounts: &[AccountKey],
     ids: &[TransactionId],
-    now: Timestamp,
 ) -> Result<Vec<AccountRow>, sqlx::Error> {
     let mut rows = select_accounts(tx, accounts, ids, true).await?;
     let found: HashSet<(&str, &str)> = rows.iter().map(|r| (r.key_id.as_str(), r.unit.as_str())).collect();
@@ -394,19 +615,12 @@ async fn lock_accounts(
         return Ok(rows);
     }
     let (keys, units) = key_columns(&missing);
-    let aged = |w: Window| vec![now - w.length(); missing.len()];
     sqlx::query!(
-        r#"INSERT INTO accounts (key_id, unit, aged_daily, aged_weekly, aged_monthly, aged_annual)
-           SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                                $5::timestamptz[], $6::timestamptz[]) AS n(k, u, d, w, m, a)
-           ORDER BY k, u
+        r#"INSERT INTO accounts (key_id, unit)
+           SELECT * FROM UNNEST($1::text[], $2::text[]) ORDER BY 1, 2
            ON CONFLICT (key_id, unit) DO NOTHING"#,
         &keys,
         &units,
-        &aged(Window::Daily),
-        &aged(Window::Weekly),
-        &aged(Window::Monthly),
-        &aged(Window::Annual),
     )
     .execute(&mut **tx)
     .await?;
@@ -419,44 +633,36 @@ async fn read_accounts(
     tx: &mut PgTx<'_, Postgres>,
     accounts: &[AccountKey],
     ids: &[TransactionId],
-    now: Timestamp,
 ) -> Result<Vec<AccountRow>, sqlx::Error> {
     let mut rows = select_accounts(tx, accounts, ids, false).await?;
     let found: HashSet<(String, String)> = rows.iter().map(|r| (r.key_id.clone(), r.unit.clone())).collect();
     for key in accounts {
         if !found.contains(&(key.key_id.as_str().to_owned(), key.unit.as_str().to_owned())) {
-            rows.push(fresh_row(key, now));
+            let mut fresh = AccountRow::fresh(key);
+            // A key with no account in this unit yet may still be on a plan.
+            let plan = sqlx::query!(
+                r#"SELECT p.name,
+                          (SELECT COALESCE(jsonb_agg(jsonb_build_object('name', l.name, 'period', l.period,
+                                                                        'amount', l.amount)), '[]')
+                           FROM plan_limits l WHERE l.plan_id = p.id AND l.unit = $2) AS "limits!: Json<Vec<StoredLimit>>"
+                   FROM key_plans k JOIN plans p ON p.id = k.plan_id WHERE k.key_id = $1"#,
+                key.key_id.as_str(),
+                key.unit.as_str()
+            )
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some(plan) = plan {
+                fresh.plan = Some(plan.name);
+                fresh.plan_limits = Some(plan.limits);
+            }
+            rows.push(fresh);
         }
     }
     Ok(rows)
 }
 
-fn fresh_row(key: &AccountKey, now: Timestamp) -> AccountRow {
-    let a = Account::new(key.clone(), now);
-    AccountRow {
-        id: 0,
-        key_id: key.key_id.as_str().to_owned(),
-        unit: key.unit.as_str().to_owned(),
-        limit_daily: None,
-        limit_weekly: None,
-        limit_monthly: None,
-        limit_annual: None,
-        committed_daily: Decimal::ZERO,
-        committed_weekly: Decimal::ZERO,
-        committed_monthly: Decimal::ZERO,
-        committed_annual: Decimal::ZERO,
-        held_daily: Decimal::ZERO,
-        held_weekly: Decimal::ZERO,
-        held_monthly: Decimal::ZERO,
-        held_annual: Decimal::ZERO,
-        aged_daily: a.windows[0].aged_through,
-        aged_weekly: a.windows[1].aged_through,
-        aged_monthly: a.windows[2].aged_through,
-        aged_annual: a.windows[3].aged_through,
-    }
-}
-
-/// The accounts named by key, and those owning the transactions `ids`, in key order.
+/// The accounts named by key, and those charged by the transactions `ids`, in key order, each with its key's
+/// plan and that plan's limits in the account's unit.
 async fn select_accounts(
     tx: &mut PgTx<'_, Postgres>,
     accounts: &[AccountKey],
@@ -465,22 +671,29 @@ async fn select_accounts(
 ) -> Result<Vec<AccountRow>, sqlx::Error> {
     let (keys, units) = key_columns(accounts);
     let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
-    // The id subquery is a semi-join on the primary key, so the lock step stays one index probe per account.
+    // The locks are taken in the materialised CTE, in key order; the plan lookups join outside it. The id
+    // subquery is a semi-join on the primary key, so the lock step stays one index probe per account.
     if for_update {
         sqlx::query_as!(
             AccountRow,
-            r#"SELECT id, key_id, unit, limit_daily, limit_weekly, limit_monthly, limit_annual,
-                      committed_daily, committed_weekly, committed_monthly, committed_annual,
-                      held_daily, held_weekly, held_monthly, held_annual,
-                      aged_daily, aged_weekly, aged_monthly, aged_annual
-               FROM accounts
-               WHERE id IN (SELECT a.id FROM accounts a
-                            JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
-                              ON a.key_id = k.key_id AND a.unit = k.unit
-                            UNION
-                            SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))
-               ORDER BY key_id, unit
-               FOR UPDATE"#,
+            r#"WITH locked AS MATERIALIZED (
+                   SELECT id, key_id, unit, limits, totals FROM accounts
+                   WHERE id IN (SELECT a.id FROM accounts a
+                                JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
+                                  ON a.key_id = k.key_id AND a.unit = k.unit
+                                UNION
+                                SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))
+                   ORDER BY key_id, unit
+                   FOR UPDATE)
+               SELECT l.id AS "id!", l.key_id AS "key_id!", l.unit AS "unit!",
+                      l.limits AS "limits!: Json<Vec<StoredLimit>>", l.totals AS "totals!: Json<Vec<StoredTotals>>",
+                      p.name AS "plan?",
+                      (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount))
+                       FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
+                        AS "plan_limits?: Json<Vec<StoredLimit>>"
+               FROM locked l
+               LEFT JOIN key_plans kp ON kp.key_id = l.key_id
+               LEFT JOIN plans p ON p.id = kp.plan_id"#,
             &keys,
             &units,
             &ids
@@ -490,16 +703,20 @@ async fn select_accounts(
     } else {
         sqlx::query_as!(
             AccountRow,
-            r#"SELECT id, key_id, unit, limit_daily, limit_weekly, limit_monthly, limit_annual,
-                      committed_daily, committed_weekly, committed_monthly, committed_annual,
-                      held_daily, held_weekly, held_monthly, held_annual,
-                      aged_daily, aged_weekly, aged_monthly, aged_annual
-               FROM accounts
-               WHERE id IN (SELECT a.id FROM accounts a
-                            JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
-                              ON a.key_id = k.key_id AND a.unit = k.unit
-                            UNION
-                            SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))"#,
+            r#"SELECT l.id AS "id!", l.key_id AS "key_id!", l.unit AS "unit!",
+                      l.limits AS "limits!: Json<Vec<StoredLimit>>", l.totals AS "totals!: Json<Vec<StoredTotals>>",
+                      p.name AS "plan?",
+                      (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount))
+                       FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
+                        AS "plan_limits?: Json<Vec<StoredLimit>>"
+               FROM accounts l
+               LEFT JOIN key_plans kp ON kp.key_id = l.key_id
+               LEFT JOIN plans p ON p.id = kp.plan_id
+               WHERE l.id IN (SELECT a.id FROM accounts a
+                              JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
+                                ON a.key_id = k.key_id AND a.unit = k.unit
+                              UNION
+                              SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))"#,
             &keys,
             &units,
             &ids
@@ -509,12 +726,13 @@ async fn select_accounts(
     }
 }
 
-/// One row of the load statement: a named transaction (kind 1), an expiring hold (kind 2) or the sums leaving
-/// one aging range (kind 3).
+/// One row of the load statement: a named transaction (kind 1), an expiring hold (kind 2), the sums leaving
+/// one aging range (kind 3) or the sums of a period whose totals are missing (kind 4).
 struct LoadRow {
     kind: i16,
     i: Option<i64>,
     transaction_id: Option<String>,
+    keys: Option<Vec<String>>,
     key_id: Option<String>,
     unit: Option<String>,
     amount: Option<i64>,
@@ -535,7 +753,7 @@ impl LoadRow {
         let missing = || StorageError::Corrupt("incomplete transaction row".into());
         TxRow {
             transaction_id: self.transaction_id.ok_or_else(missing)?,
-            key_id: self.key_id.ok_or_else(missing)?,
+            keys: self.keys.ok_or_else(missing)?,
             unit: self.unit.ok_or_else(missing)?,
             amount: self.amount.ok_or_else(missing)?,
             held_amount: self.held_amount.ok_or_else(missing)?,
@@ -549,18 +767,34 @@ impl LoadRow {
         }
         .into_domain()
     }
+
+    fn into_expiring(self) -> Result<ExpiringHold, StorageError> {
+        let missing = || StorageError::Corrupt("incomplete hold row".into());
+        Ok(ExpiringHold {
+            id: parse_stored(TransactionId::parse(self.transaction_id.ok_or_else(missing)?))?,
+            account: account_key(self.key_id.ok_or_else(missing)?, self.unit.ok_or_else(missing)?)?,
+            created_at: self.created_at.ok_or_else(missing)?,
+            amount: self.amount.ok_or_else(missing)?,
+        })
+    }
+
+    fn sums(&self) -> Result<(i128, i128), StorageError> {
+        Ok((to_i128(self.sum_committed.unwrap_or_default())?, to_i128(self.sum_held.unwrap_or_default())?))
+    }
 }
 
 /// Loads, in one statement, what a ledger needs besides the accounts: the named transactions, the expiring
-/// holds and the sums that age out of each window. Returns the accounts' row ids by key, for writing back.
+/// holds, the sums that age out of each rolling period and the sums of periods that have no totals yet.
+/// Returns the accounts' row ids by key, for writing back.
 async fn load(
     tx: &mut PgTx<'_, Postgres>,
     rows: Vec<AccountRow>,
     ids: &[TransactionId],
+    also: &[(AccountKey, Period)],
     now: Timestamp,
 ) -> Result<(HashMap<AccountKey, i64>, Loaded), Attempt> {
     let mut account_ids = HashMap::with_capacity(rows.len());
-    let mut loaded = Loaded::default();
+    let mut loaded = Loaded { also: also.to_vec(), ..Loaded::default() };
     for row in rows {
         let (id, account) = row.into_domain()?;
         account_ids.insert(account.key.clone(), id);
@@ -571,148 +805,175 @@ async fn load(
     let named: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
     let mut ranges = Vec::new();
     let (mut range_ids, mut afters, mut uptos) = (Vec::new(), Vec::new(), Vec::new());
+    let mut missing = Vec::new();
+    let (mut missing_ids, mut froms) = (Vec::new(), Vec::new());
     for account in &loaded.accounts {
         let row_id = account_ids[&account.key];
-        for range in account.aging_ranges(now).filter(|_| row_id != 0) {
-            ranges.push((account.key.clone(), range.window));
+        for range in account.aging_ranges(now) {
+            ranges.push((account.key.clone(), range.period));
             range_ids.push(row_id);
             afters.push(range.after);
             uptos.push(range.upto);
+        }
+        for period in account.missing_periods(&Loaded::tracked(account, also)) {
+            // What the period counts at `now`, as an inclusive lower bound of creation times.
+            let from = match period {
+                Period::Rolling(_) => period.start_at(now) + TimeDelta::microseconds(1),
+                Period::Calendar(_) => period.start_at(now),
+            };
+            missing.push((account.key.clone(), period, period.start_at(now)));
+            missing_ids.push(row_id);
+            froms.push(from);
         }
     }
     let rows = sqlx::query_as!(
         LoadRow,
         r#"SELECT 1::int2 AS "kind!", NULL::int8 AS "i?", t.transaction_id AS "transaction_id?",
-                  a.key_id AS "key_id?", a.unit AS "unit?", t.amount AS "amount?",
+                  k.keys AS "keys?", NULL::text AS "key_id?", a.unit AS "unit?", t.amount AS "amount?",
                   t.held_amount AS "held_amount?", t.state AS "state?", t.created_at AS "created_at?",
                   t.expires_at AS "expires_at?", t.committed_at AS "committed_at?",
                   t.reversed_at AS "reversed_at?", t.committed_late AS "committed_late?",
                   t.metadata AS "metadata?", NULL::numeric AS "sum_committed?", NULL::numeric AS "sum_held?"
            FROM transactions t JOIN accounts a ON a.id = t.account_id
-           WHERE t.transaction_id = ANY($1)
+           CROSS JOIN LATERAL (SELECT array_agg(a2.key_id::text ORDER BY t2.position) AS keys
+                               FROM transactions t2 JOIN accounts a2 ON a2.id = t2.account_id
+                               WHERE t2.transaction_id = t.transaction_id) k
+           WHERE t.transaction_id = ANY($1) AND t.position = 0
            UNION ALL
-           SELECT 2::int2, NULL::int8, t.transaction_id, a.key_id, a.unit, t.amount, t.held_amount, t.state,
-                  t.created_at, t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata,
-                  NULL::numeric, NULL::numeric
+           SELECT 2::int2, NULL::int8, t.transaction_id, NULL, a.key_id, a.unit, t.amount, t.held_amount, t.state,
+                  t.created_at, t.expires_at, NULL, NULL, NULL, NULL, NULL::numeric, NULL::numeric
            FROM transactions t JOIN accounts a ON a.id = t.account_id
            WHERE t.account_id = ANY($2) AND t.state = 1 AND t.expires_at <= $3
            UNION ALL
-           SELECT 3::int2, r.i, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           SELECT 3::int2, r.i, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                   COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0),
                   COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $3), 0)
            FROM UNNEST($4::bigint[], $5::timestamptz[], $6::timestamptz[])
                 WITH ORDINALITY AS r(account_id, after, upto, i)
            JOIN transactions t
              ON t.account_id = r.account_id AND t.created_at > r.after AND t.created_at <= r.upto
-           GROUP BY r.i"#,
+           GROUP BY r.i
+           UNION ALL
+           SELECT 4::int2, m.i, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0),
+                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $3), 0)
+           FROM UNNEST($7::bigint[], $8::timestamptz[]) WITH ORDINALITY AS m(account_id, from_, i)
+           JOIN transactions t ON t.account_id = m.account_id AND t.created_at >= m.from_
+           GROUP BY m.i"#,
         &named,
         &row_ids,
         now,
         &range_ids,
         &afters,
         &uptos,
+        &missing_ids,
+        &froms,
     )
     .fetch_all(&mut **tx)
     .await?;
+    let mut fresh: HashMap<usize, (i128, i128)> = HashMap::new();
     for row in rows {
         match row.kind {
             1 => loaded.transactions.push(row.into_tx()?),
-            2 => loaded.expiring.push(row.into_tx()?),
-            _ => {
-                let (key, window) = row
+            2 => loaded.expiring.push(row.into_expiring()?),
+            3 => {
+                let (key, period) = row
                     .i
                     .and_then(|i| usize::try_from(i - 1).ok())
                     .and_then(|i| ranges.get(i))
                     .cloned()
                     .ok_or_else(|| StorageError::Corrupt(format!("aging range {:?}", row.i)))?;
-                let sum = |d: Option<Decimal>| to_i128(d.unwrap_or_default());
-                let out = AgedOut { window, committed: sum(row.sum_committed)?, held: sum(row.sum_held)? };
-                loaded.aged.push((key, out));
+                let (committed, held) = row.sums()?;
+                loaded.aged.push((key, AgedOut { period, committed, held }));
+            }
+            _ => {
+                let i = row.i.and_then(|i| usize::try_from(i - 1).ok()).filter(|i| *i < missing.len());
+                let i = i.ok_or_else(|| StorageError::Corrupt(format!("missing period {:?}", row.i)))?;
+                fresh.insert(i, row.sums()?);
             }
         }
+    }
+    for (i, (key, period, since)) in missing.into_iter().enumerate() {
+        let (committed, held) = fresh.remove(&i).unwrap_or_default();
+        loaded.fresh.push((key, period, Totals { committed, held, since }));
     }
     Ok((account_ids, loaded))
 }
 
 /// Writes a batch's changes in one statement. Returns false when a new transaction id was taken meanwhile by
-/// another account's batch: the caller rolls back and retries, and the retry sees the id as existing.
+/// another batch: the caller rolls back and retries, and the retry sees the id as existing.
 async fn save(
     tx: &mut PgTx<'_, Postgres>,
     account_ids: &HashMap<AccountKey, i64>,
     changes: Changes,
     now: Timestamp,
 ) -> Result<bool, Attempt> {
-    if changes.inserted.is_empty() && changes.updated.is_empty() && changes.accounts.is_empty() {
+    if changes.inserted.is_empty()
+        && changes.updated.is_empty()
+        && changes.accounts.is_empty()
+        && changes.expired.is_empty()
+    {
         return Ok(true);
     }
-    let n = changes.inserted.len();
-    let mut new = TxColumns::with_capacity(n);
-    let mut owners = Vec::with_capacity(n);
-    let mut held_amounts = Vec::with_capacity(n);
-    let mut created = Vec::with_capacity(n);
-    let mut expires = Vec::with_capacity(n);
-    let mut metadata = Vec::with_capacity(n);
+    // One row per account charged.
+    let mut new = TxColumns::default();
+    let (mut positions, mut owners, mut held_amounts, mut created, mut expires, mut metadata) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for t in &changes.inserted {
-        new.push(t);
-        owners.push(account_ids[&t.account]);
-        held_amounts.push(t.held_amount);
-        created.push(t.created_at);
-        expires.push(t.expires_at);
-        metadata.push(serde_json::to_value(t.metadata.entries()).unwrap_or_default());
+        for (position, account) in t.accounts.iter().enumerate() {
+            new.push(t);
+            positions.push(i16::try_from(position).unwrap_or(i16::MAX));
+            owners.push(account_ids[account]);
+            held_amounts.push(t.held_amount);
+            created.push(t.created_at);
+            expires.push(t.expires_at);
+            let entries = if position == 0 { t.metadata.entries().clone() } else { Default::default() };
+            metadata.push(serde_json::to_value(entries).unwrap_or_default());
+        }
     }
-    let mut upd = TxColumns::with_capacity(changes.updated.len());
+    let mut upd = TxColumns::default();
     changes.updated.iter().for_each(|t| upd.push(t));
+    let (expired_ids, expired_owners): (Vec<String>, Vec<i64>) =
+        changes.expired.iter().map(|(id, account)| (id.as_str().to_owned(), account_ids[account])).unzip();
 
     let mut ids = Vec::new();
-    let mut limits: [Vec<Option<i64>>; 4] = Default::default();
-    let mut committed: [Vec<Decimal>; 4] = Default::default();
-    let mut held: [Vec<Decimal>; 4] = Default::default();
-    let mut aged: [Vec<Timestamp>; 4] = Default::default();
+    let mut limits = Vec::new();
+    let mut totals = Vec::new();
     for a in &changes.accounts {
         ids.push(account_ids[&a.key]);
-        for w in Window::ALL {
-            let i = w.index();
-            limits[i].push(a.limits[i]);
-            committed[i].push(to_decimal(a.windows[i].committed)?);
-            held[i].push(to_decimal(a.windows[i].held)?);
-            aged[i].push(a.windows[i].aged_through);
-        }
+        limits.push(limits_json(a));
+        totals.push(totals_json(a));
     }
     let inserted = sqlx::query_scalar!(
         r#"WITH ins AS (
-               INSERT INTO transactions (transaction_id, account_id, amount, held_amount, state, created_at,
-                                         expires_at, committed_at, reversed_at, committed_late, metadata)
-               SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int2[],
-                                    $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
-                                    $10::bool[], $11::jsonb[])
-               ON CONFLICT (transaction_id) DO NOTHING
+               INSERT INTO transactions (transaction_id, position, account_id, amount, held_amount, state,
+                                         created_at, expires_at, committed_at, reversed_at, committed_late,
+                                         metadata)
+               SELECT * FROM UNNEST($1::text[], $2::int2[], $3::bigint[], $4::bigint[], $5::bigint[],
+                                    $6::int2[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
+                                    $10::timestamptz[], $11::bool[], $12::jsonb[])
+               ON CONFLICT (transaction_id, position) DO NOTHING
                RETURNING 1
            ), upd AS (
                UPDATE transactions t
                SET amount = u.amount, state = u.state, committed_at = u.committed_at,
                    reversed_at = u.reversed_at, committed_late = u.late
-               FROM UNNEST($12::text[], $13::bigint[], $14::int2[], $15::timestamptz[], $16::timestamptz[],
-                           $17::bool[]) AS u(id, amount, state, committed_at, reversed_at, late)
+               FROM UNNEST($13::text[], $14::bigint[], $15::int2[], $16::timestamptz[], $17::timestamptz[],
+                           $18::bool[]) AS u(id, amount, state, committed_at, reversed_at, late)
                WHERE t.transaction_id = u.id
+           ), exp AS (
+               UPDATE transactions t SET state = 4
+               FROM UNNEST($19::text[], $20::bigint[]) AS e(id, account_id)
+               WHERE t.transaction_id = e.id AND t.account_id = e.account_id AND t.state = 1
            ), acc AS (
-               UPDATE accounts a
-               SET limit_daily = u.ld, limit_weekly = u.lw, limit_monthly = u.lm, limit_annual = u.la,
-                   committed_daily = u.cd, committed_weekly = u.cw, committed_monthly = u.cm,
-                   committed_annual = u.ca,
-                   held_daily = u.hd, held_weekly = u.hw, held_monthly = u.hm, held_annual = u.ha,
-                   aged_daily = u.ad, aged_weekly = u.aw, aged_monthly = u.am, aged_annual = u.aa,
-                   updated_at = $35
-               FROM UNNEST($18::bigint[],
-                           $19::bigint[], $20::bigint[], $21::bigint[], $22::bigint[],
-                           $23::numeric[], $24::numeric[], $25::numeric[], $26::numeric[],
-                           $27::numeric[], $28::numeric[], $29::numeric[], $30::numeric[],
-                           $31::timestamptz[], $32::timestamptz[], $33::timestamptz[], $34::timestamptz[])
-                    AS u(id, ld, lw, lm, la, cd, cw, cm, ca, hd, hw, hm, ha, ad, aw, am, aa)
+               UPDATE accounts a SET limits = u.limits, totals = u.totals, updated_at = $24
+               FROM UNNEST($21::bigint[], $22::jsonb[], $23::jsonb[]) AS u(id, limits, totals)
                WHERE a.id = u.id
            )
            -- Every data-modifying CTE runs to completion whether or not it is read.
            SELECT count(*) AS "inserted!" FROM ins"#,
         &new.ids,
+        &positions,
         &owners,
         &new.amounts,
         &held_amounts,
@@ -729,31 +990,20 @@ async fn save(
         &upd.committed_at as &[Option<Timestamp>],
         &upd.reversed_at as &[Option<Timestamp>],
         &upd.late,
+        &expired_ids,
+        &expired_owners,
         &ids,
-        &limits[0] as &[Option<i64>],
-        &limits[1] as &[Option<i64>],
-        &limits[2] as &[Option<i64>],
-        &limits[3] as &[Option<i64>],
-        &committed[0],
-        &committed[1],
-        &committed[2],
-        &committed[3],
-        &held[0],
-        &held[1],
-        &held[2],
-        &held[3],
-        &aged[0],
-        &aged[1],
-        &aged[2],
-        &aged[3],
+        &limits,
+        &totals,
         now,
     )
     .fetch_one(&mut **tx)
     .await?;
-    Ok(inserted == n as i64)
+    Ok(inserted == new.ids.len() as i64)
 }
 
 /// The mutable columns of transactions, as parallel arrays for UNNEST.
+#[derive(Default)]
 struct TxColumns {
     ids: Vec<String>,
     amounts: Vec<i64>,
@@ -764,17 +1014,6 @@ struct TxColumns {
 }
 
 impl TxColumns {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            ids: Vec::with_capacity(n),
-            amounts: Vec::with_capacity(n),
-            states: Vec::with_capacity(n),
-            committed_at: Vec::with_capacity(n),
-            reversed_at: Vec::with_capacity(n),
-            late: Vec::with_capacity(n),
-        }
-    }
-
     fn push(&mut self, t: &Transaction) {
         self.ids.push(t.id.as_str().to_owned());
         self.amounts.push(t.amount);

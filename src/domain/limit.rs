@@ -1,0 +1,263 @@
+//! Limits as data: a named amount over a [`Period`], set on a key or in a plan, and the plans themselves.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::{InvalidArgument, Period, Unit, Window};
+
+/// Most limits one key may set of its own, and most limits (per unit) one plan may hold.
+pub const MAX_LIMITS: usize = 32;
+/// Most keys one reservation may charge.
+pub const MAX_KEYS_PER_RESERVATION: usize = 8;
+const MAX_NAME_BYTES: usize = 64;
+
+fn check_name(field: &'static str, value: &str) -> Result<(), InvalidArgument> {
+    if value.is_empty() || value.len() > MAX_NAME_BYTES {
+        return Err(InvalidArgument::new(field, format!("must be 1 to {MAX_NAME_BYTES} bytes")));
+    }
+    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+        return Err(InvalidArgument::new(
+            field,
+            format!("{value:?} may hold only ASCII letters, digits, '_', '-' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(value: impl Into<String>) -> Result<Self, InvalidArgument> {
+                let value = value.into();
+                check_name($field, &value)?;
+                Ok(Self(value))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidArgument;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::parse(value)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A limit's name, unique per key (and per plan and unit): `daily`, `monthly-invoice`, `burst.1m`.
+    LimitName,
+    "name"
+);
+name_type!(
+    /// A plan's name: `free`, `pro`.
+    PlanName,
+    "plan"
+);
+
+impl LimitName {
+    /// The limit a round-1 window stands for: a rolling limit named after it.
+    pub fn of_window(window: Window) -> Self {
+        Self(window.as_str().to_owned())
+    }
+}
+
+/// One limit as set: on a key (where `amount: None` explicitly lifts a plan's limit of the same name) or in a
+/// plan (always an amount).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSpec {
+    pub name: LimitName,
+    pub period: Period,
+    /// The most that committed + held spend may reach in the period; `None` is unlimited.
+    pub amount: Option<i64>,
+}
+
+impl LimitSpec {
+    pub fn new(name: LimitName, period: Period, amount: Option<i64>) -> Result<Self, InvalidArgument> {
+        if let Some(a) = amount
+            && a < 0
+        {
+            return Err(InvalidArgument::new("amount", format!("must not be negative, got {a}")));
+        }
+        Ok(Self { name, period, amount })
+    }
+
+    /// The round-1 limit of a window: rolling over the window's length.
+    pub fn of_window(window: Window, amount: Option<i64>) -> Self {
+        Self { name: LimitName::of_window(window), period: Period::Rolling(window.length()), amount }
+    }
+}
+
+/// Where an effective limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitSource {
+    Key,
+    Plan,
+}
+
+/// A limit that applies to an account: its own, or its plan's where it has none of that name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectiveLimit {
+    pub name: LimitName,
+    pub period: Period,
+    pub amount: i64,
+    pub source: LimitSource,
+}
+
+/// Own limits override the plan's of the same name; an own limit without an amount removes it. Sorted by
+/// name.
+pub fn effective_limits(own: &BTreeMap<LimitName, LimitSpec>, plan: &[LimitSpec]) -> Vec<EffectiveLimit> {
+    let mut out: BTreeMap<&LimitName, EffectiveLimit> = BTreeMap::new();
+    let tagged =
+        plan.iter().map(|l| (l, LimitSource::Plan)).chain(own.values().map(|l| (l, LimitSource::Key)));
+    for (spec, source) in tagged {
+        match spec.amount {
+            Some(amount) => {
+                out.insert(
+                    &spec.name,
+                    EffectiveLimit { name: spec.name.clone(), period: spec.period, amount, source },
+                );
+            }
+            None => {
+                out.remove(&spec.name);
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+/// A named set of limits per unit. Keys assigned to it get its limits, unless they override them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub name: PlanName,
+    pub limits: BTreeMap<Unit, Vec<LimitSpec>>,
+}
+
+impl Plan {
+    /// Validates a plan's limits: every one has an amount, names are unique per unit, at most
+    /// [`MAX_LIMITS`] per unit.
+    pub fn new(name: PlanName, limits: Vec<(Unit, LimitSpec)>) -> Result<Self, InvalidArgument> {
+        let mut by_unit: BTreeMap<Unit, Vec<LimitSpec>> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for (unit, spec) in limits {
+            if spec.amount.is_none() {
+                return Err(InvalidArgument::new(
+                    "limits.amount",
+                    format!(
+                        "plan limit {} needs an amount: only a key's own limit may be unlimited",
+                        spec.name
+                    ),
+                ));
+            }
+            if !seen.insert((unit.clone(), spec.name.clone())) {
+                return Err(InvalidArgument::new(
+                    "limits.name",
+                    format!("limit {} appears twice for unit {unit}", spec.name),
+                ));
+            }
+            by_unit.entry(unit).or_default().push(spec);
+        }
+        if let Some((unit, specs)) = by_unit.iter().find(|(_, s)| s.len() > MAX_LIMITS) {
+            return Err(InvalidArgument::new(
+                "limits",
+                format!("at most {MAX_LIMITS} limits per unit, got {} for {unit}", specs.len()),
+            ));
+        }
+        for specs in by_unit.values_mut() {
+            specs.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        Ok(Self { name, limits: by_unit })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+
+    fn spec(name: &str, days: i64, amount: Option<i64>) -> LimitSpec {
+        LimitSpec::new(
+            LimitName::parse(name).unwrap(),
+            Period::rolling(TimeDelta::days(days)).unwrap(),
+            amount,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn own_limits_override_the_plan_and_none_lifts_it() {
+        let plan =
+            vec![spec("daily", 1, Some(100)), spec("monthly", 30, Some(1000)), spec("weekly", 7, Some(500))];
+        let own: BTreeMap<_, _> =
+            [spec("daily", 1, Some(50)), spec("weekly", 7, None), spec("extra", 2, Some(9))]
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect();
+        let eff = effective_limits(&own, &plan);
+        let got: Vec<(&str, i64, LimitSource)> =
+            eff.iter().map(|l| (l.name.as_str(), l.amount, l.source)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("daily", 50, LimitSource::Key),
+                ("extra", 9, LimitSource::Key),
+                ("monthly", 1000, LimitSource::Plan)
+            ]
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(LimitName::parse("burst.1m").is_ok());
+        assert_eq!(LimitName::parse("").unwrap_err().field, "name");
+        assert!(LimitName::parse("has space").is_err());
+        assert!(LimitName::parse("x".repeat(65)).is_err());
+        assert_eq!(PlanName::parse("pro plan").unwrap_err().field, "plan");
+        assert!(
+            LimitSpec::new(LimitName::parse("a").unwrap(), Period::Rolling(TimeDelta::days(1)), Some(-1))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn plans_reject_duplicates_and_unlimited_entries() {
+        let usd = Unit::parse("usd").unwrap();
+        let name = PlanName::parse("free").unwrap();
+        let dup = vec![(usd.clone(), spec("daily", 1, Some(1))), (usd.clone(), spec("daily", 2, Some(2)))];
+        assert_eq!(Plan::new(name.clone(), dup).unwrap_err().field, "limits.name");
+        let other_unit = vec![
+            (usd.clone(), spec("daily", 1, Some(1))),
+            (Unit::parse("eur").unwrap(), spec("daily", 1, Some(1))),
+        ];
+        assert!(Plan::new(name.clone(), other_unit).is_ok());
+        assert_eq!(
+            Plan::new(name.clone(), vec![(usd.clone(), spec("d", 1, None))]).unwrap_err().field,
+            "limits.amount"
+        );
+        let many = (0..33).map(|i| (usd.clone(), spec(&format!("l{i}"), 1, Some(1)))).collect();
+        assert_eq!(Plan::new(name, many).unwrap_err().field, "limits");
+    }
+}
