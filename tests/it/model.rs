@@ -93,9 +93,28 @@ enum Op {
         on: bool,
     },
     Advance(TimeDelta),
+    /// To the next boundary of a calendar period, nudged by -1, 0 or +1 µs.
+    ToBoundary {
+        period: usize,
+        nudge: i64,
+    },
     GetTransaction {
         tx: usize,
     },
+}
+
+impl Op {
+    /// Where this step moves the clock, if it does.
+    fn moves_clock(&self, now: Timestamp) -> Option<Timestamp> {
+        match *self {
+            Op::Advance(by) => Some(now + by),
+            Op::ToBoundary { period, nudge } => match periods()[period] {
+                Period::Calendar(c) => Some(c.bounds(now).1 + TimeDelta::microseconds(nudge)),
+                Period::Rolling(_) => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 fn amount() -> impl Strategy<Value = i64> {
@@ -148,6 +167,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop::collection::vec((0..NAMES.len(), 0..n_periods, limit_amount()), 0..3).prop_map(Op::PutPlan),
         1 => (0..KEYS, any::<bool>()).prop_map(|(key, on)| Op::AssignPlan { key, on }),
         3 => advance().prop_map(Op::Advance),
+        1 => (4..n_periods, -1i64..=1).prop_map(|(period, nudge)| Op::ToBoundary { period, nudge }),
         1 => (0..TX_IDS).prop_map(|tx| Op::GetTransaction { tx }),
     ]
 }
@@ -387,7 +407,7 @@ impl Model {
                 Some(t) => Seen::Tx { state: t.state_at(now), amount: t.amount, late: t.late },
                 None => Seen::NotFound,
             },
-            Op::Advance(_) => return None,
+            Op::Advance(_) | Op::ToBoundary { .. } => return None,
         })
     }
 }
@@ -497,8 +517,8 @@ async fn check<S: Store>(store: S, ops: &[Op]) -> Result<(), String> {
     app.put_plan(names.plan_with(&[])).await.map_err(|e| e.to_string())?;
     let mut model = Model { plan: Some(BTreeMap::new()), ..Model::default() };
     for (i, op) in ops.iter().enumerate() {
-        if let Op::Advance(by) = op {
-            clock.advance(*by);
+        if let Some(to) = op.moves_clock(clock.now()) {
+            clock.set(to);
         }
         let now = clock.now();
         let expected = model.apply(op, now);
@@ -566,7 +586,11 @@ fn operation(names: &Names, op: &Op) -> Option<Operation> {
             account: names.account(key),
             name: LimitName::parse(NAMES[name]).unwrap(),
         },
-        Op::Advance(_) | Op::GetTransaction { .. } | Op::PutPlan(_) | Op::AssignPlan { .. } => return None,
+        Op::Advance(_)
+        | Op::ToBoundary { .. }
+        | Op::GetTransaction { .. }
+        | Op::PutPlan(_)
+        | Op::AssignPlan { .. } => return None,
     })
 }
 
@@ -620,7 +644,8 @@ async fn check_batching<S: Store>(batched: S, single: S, ops: &[Op]) -> Result<(
     let (nb, ns) = (Names::new(), Names::new());
     batched.put_plan(nb.plan_with(&[])).await.map_err(|e| e.to_string())?;
     single.put_plan(ns.plan_with(&[])).await.map_err(|e| e.to_string())?;
-    let separator = |op: &Op| matches!(op, Op::Advance(_) | Op::PutPlan(_) | Op::AssignPlan { .. });
+    let separator =
+        |op: &Op| matches!(op, Op::Advance(_) | Op::ToBoundary { .. } | Op::PutPlan(_) | Op::AssignPlan { .. });
     let mut rest = ops;
     while !rest.is_empty() {
         let end = rest.iter().position(separator).unwrap_or(rest.len());
@@ -642,8 +667,8 @@ async fn check_batching<S: Store>(batched: S, single: S, ops: &[Op]) -> Result<(
         if let Some(sep) = after.first() {
             apply_plan_op(&batched, &nb, sep).await;
             apply_plan_op(&single, &ns, sep).await;
-            if let Op::Advance(by) = sep {
-                clock.advance(*by);
+            if let Some(to) = sep.moves_clock(clock.now()) {
+                clock.set(to);
             }
             rest = &after[1..];
         } else {
