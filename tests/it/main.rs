@@ -6,4 +6,5 @@ mod grpc;
 mod helpers;
 mod lifecycle;
 mod model;
+mod quotas;
 mod tracing;
