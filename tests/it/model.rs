@@ -644,8 +644,9 @@ async fn check_batching<S: Store>(batched: S, single: S, ops: &[Op]) -> Result<(
     let (nb, ns) = (Names::new(), Names::new());
     batched.put_plan(nb.plan_with(&[])).await.map_err(|e| e.to_string())?;
     single.put_plan(ns.plan_with(&[])).await.map_err(|e| e.to_string())?;
-    let separator =
-        |op: &Op| matches!(op, Op::Advance(_) | Op::ToBoundary { .. } | Op::PutPlan(_) | Op::AssignPlan { .. });
+    let separator = |op: &Op| {
+        matches!(op, Op::Advance(_) | Op::ToBoundary { .. } | Op::PutPlan(_) | Op::AssignPlan { .. })
+    };
     let mut rest = ops;
     while !rest.is_empty() {
         let end = rest.iter().position(separator).unwrap_or(rest.len());
