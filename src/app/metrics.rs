@@ -19,7 +19,7 @@ pub fn describe() {
     );
     describe_counter!(
         "allowance_reservations_exceeded_total",
-        "Windows exceeded by denied reservations (a denial counts once per exceeded window)."
+        "Limits exceeded by denied reservations, by limit name (a denial counts once per exceeded limit and key)."
     );
     describe_counter!(
         "allowance_commits_total",
