@@ -8,3 +8,4 @@ mod lifecycle;
 mod model;
 mod quotas;
 mod tracing;
+mod upgrade;
