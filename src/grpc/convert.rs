@@ -186,14 +186,14 @@ pub fn limit_usage(u: &LimitUsage) -> pb::LimitUsage {
 }
 
 pub fn exceeded(e: &Exceeded) -> pb::ExceededLimit {
-    let u = &e.usage;
+    let u = limit_usage(&e.usage);
     pb::ExceededLimit {
-        key_id: u.account.key_id.to_string(),
-        name: u.name.to_string(),
-        period: Some(period_to_pb(&u.period)),
-        limit: u.limit.unwrap_or(i64::MAX),
-        spent: saturate(u.spent),
-        held: saturate(u.held),
+        key_id: u.key_id,
+        name: u.name,
+        period: u.period,
+        limit: u.limit,
+        spent: u.spent,
+        held: u.held,
         retry_after: match e.retry_after {
             Some(RetryAfter::After(d)) => Some(duration(d)),
             Some(RetryAfter::Never) | None => None,
