@@ -20,7 +20,7 @@ pub async fn migrate(db: DatabaseConfig) -> anyhow::Result<()> {
 
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
-    let options = PgStore::connect_options(&config.database.database_url)
+    let options = PgStore::serving_options(&config.database.database_url)
         .context("DATABASE_URL is not a valid Postgres URL")?;
     // Lazy: the server starts (NOT_SERVING) while the database is down, and becomes ready when it is up.
     let pool = PgStore::pool_options(config.database.db_pool_size).connect_lazy_with(options);

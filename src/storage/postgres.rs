@@ -26,12 +26,23 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// concurrent batch of another account.
 const MAX_ATTEMPTS: u32 = 5;
 
-/// Connections are replaced this often. Postgres caches a generic plan per prepared statement and connection;
-/// one built while the tables were nearly empty (a fresh database) hash-joins over whole indexes and would be
-/// kept after the tables have grown. Seen in the benchmark: four fifths of the throughput lost until the
-/// connections were replaced. Planning every execution instead (`plan_cache_mode = force_custom_plan`) is
-/// robust but doubled the latency of a reservation at low load.
-pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// Connections are replaced this often: ordinary hygiene (server-side memory, DNS and failover changes). The
+/// round-1 reason — generic plans cached while the tables were empty — is handled by [`PLAN_SETTINGS`].
+pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Planner settings of the serving connections. Every statement of the service finds rows by key (an
+/// account by (key, unit), transactions by id or by account and time range): an index path is the only sane
+/// plan at any table size. Postgres caches a generic plan per prepared statement and connection after five
+/// executions; one made while the tables are nearly empty (a fresh database, a new partition) seq-scans and
+/// hash-joins whole tables and stays cached as they grow — the benchmark saw four fifths of the throughput
+/// lost that way. With these off, the plan built is the index path whatever the statistics say; a table with
+/// no usable index is still scanned (the settings only penalise, never forbid). Sent as startup parameters:
+/// no round trip. Migrations and maintenance connections keep the defaults.
+pub const PLAN_SETTINGS: [(&str, &str); 3] =
+    [("enable_seqscan", "off"), ("enable_hashjoin", "off"), ("enable_mergejoin", "off")];
+
+/// How a read batch begins: its own snapshot, in the same round trip as BEGIN.
+const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -75,9 +86,12 @@ impl PgStore {
         Self { pool, waiting: Arc::default() }
     }
 
-    async fn begin(&self) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
+    async fn begin(&self, access: Access) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let tx = self.pool.begin().await;
+        let tx = match access {
+            Access::Write => self.pool.begin().await,
+            Access::Read => self.pool.begin_with(BEGIN_READ).await,
+        };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         tx
     }
@@ -88,6 +102,11 @@ impl PgStore {
             return Err(sqlx::Error::Configuration("expected a postgres:// or postgresql:// URL".into()));
         }
         Ok(url.parse::<PgConnectOptions>()?.application_name("allowance"))
+    }
+
+    /// Connection settings of the serving pool: [`PgStore::connect_options`] with [`PLAN_SETTINGS`].
+    pub fn serving_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+        Ok(Self::connect_options(url)?.options(PLAN_SETTINGS))
     }
 
     /// Pool settings of the service: a bounded wait for a connection, and connections replaced every
@@ -125,15 +144,10 @@ impl PgStore {
     where
         F: FnMut(&mut Ledger) -> R,
     {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin(access).await?;
         let rows = match access {
             Access::Write => lock_accounts(&mut tx, accounts, ids).await?,
-            Access::Read => {
-                sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    .execute(&mut *tx)
-                    .await?;
-                read_accounts(&mut tx, accounts, ids).await?
-            }
+            Access::Read => read_accounts(&mut tx, accounts, ids).await?,
         };
         let (account_ids, loaded) = load(&mut tx, rows, ids, also, now).await?;
         let mut ledger = Ledger::open(now, loaded);
