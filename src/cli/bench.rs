@@ -23,6 +23,8 @@ pub enum Mode {
     ReserveReverse,
     /// Read usage.
     GetLimits,
+    /// grpc.health.v1 Check: the ceiling of the server and client, with no database work.
+    Health,
 }
 
 #[derive(Debug, Args)]
@@ -128,9 +130,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let end = measure_from + args.duration;
     let mut workers = JoinSet::new();
     for w in 0..args.concurrency {
-        let client = SpendingLimitsClient::new(channels[w % channels.len()].clone());
+        let channel = channels[w % channels.len()].clone();
         let worker = Worker {
-            client,
+            client: SpendingLimitsClient::new(channel.clone()),
+            health: tonic_health::pb::health_client::HealthClient::new(channel),
             prefix: prefix.clone(),
             tx_prefix: format!("{run_id}-{w}-"),
             keys: args.keys,
@@ -182,6 +185,7 @@ async fn set_limits(channels: &[Channel], prefix: &str, keys: u64, limit: i64) -
 
 struct Worker {
     client: SpendingLimitsClient<Channel>,
+    health: tonic_health::pb::health_client::HealthClient<Channel>,
     prefix: String,
     tx_prefix: String,
     keys: u64,
@@ -218,6 +222,11 @@ impl Worker {
 
     /// One operation; returns whether it was denied.
     async fn one(&mut self, n: u64) -> Result<bool, tonic::Status> {
+        if self.mode == Mode::Health {
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            self.health.check(request).await?;
+            return Ok(false);
+        }
         let key_id = format!("{}{}", self.prefix, self.rng.below(self.keys));
         if self.mode == Mode::GetLimits {
             self.client.get_limits(pb::GetLimitsRequest { key_id, unit: String::new() }).await?;
@@ -245,7 +254,7 @@ impl Worker {
             Mode::ReserveReverse => {
                 self.client.reverse(pb::ReverseRequest { transaction_id }).await?;
             }
-            Mode::ReserveOnly | Mode::GetLimits => {}
+            Mode::ReserveOnly | Mode::GetLimits | Mode::Health => {}
         }
         Ok(false)
     }
