@@ -329,7 +329,7 @@ impl<S: Store> Allowance<S> {
             return Ok(());
         }
         let name = plan.map(|p| p.to_string()).unwrap_or_default();
-        Err(InvalidArgument::new("plan", format!("plan {name} does not exist")).into())
+        Err(InvalidArgument::new("plan", format!("no plan is named {name:?}")).into())
     }
 
     /// Releases holds that expired on accounts no call has touched since, so that their state and the

@@ -14,7 +14,7 @@ mod client;
 mod output;
 mod serve;
 
-pub use client::{ClientOptions, HealthArgs, LimitsCommand, ReserveArgs, TxCommand};
+pub use client::{ClientOptions, HealthArgs, LimitsCommand, PlansCommand, ReserveArgs, TxCommand};
 
 pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_DENIED: u8 = 3;
@@ -27,6 +27,7 @@ pub const EXIT_DENIED: u8 = 3;
     after_help = "Exit codes: 0 success, 1 error (gRPC status on stderr), 2 bad usage, 3 reservation denied.\n\n\
                   Example:\n  allowance serve --migrate            # with DATABASE_URL set\n  \
                   allowance limits set --key acct-42 --window daily --limit 1000\n  \
+                  allowance plans put --name free --limit usd:daily:rolling=1d:100\n  \
                   allowance reserve --key acct-42 --tx tr-1 --amount 300"
 )]
 pub struct Cli {
@@ -50,10 +51,15 @@ pub enum Command {
     /// Read or change a key's limits.
     #[command(subcommand)]
     Limits(LimitsCommand),
-    /// Reserve spending: check every limit of the key and hold the amount, or be denied (exit code 3).
+    /// Manage plans (named sets of limits that keys are put on).
+    #[command(subcommand)]
+    Plans(PlansCommand),
+    /// Reserve spending: check every limit of the key (and of --also-key keys) and hold the amount, or be
+    /// denied (exit code 3) with every exceeded limit and how long until a retry could fit.
     #[command(
         after_help = "Examples:\n  allowance reserve --key acct-42 --tx tr-1 --amount 300 --ttl 10m\n  \
-                            allowance reserve --key acct-42 --tx tr-2 --amount 50 --commit --meta order=981"
+                            allowance reserve --key acct-42 --tx tr-2 --amount 50 --commit --meta order=981\n  \
+                            allowance reserve --key card-7 --also-key user-3 --also-key org-1 --tx tr-3 --amount 20"
     )]
     Reserve(ReserveArgs),
     /// Commit a hold for its final amount (default: the held amount).

@@ -54,11 +54,10 @@ impl ReserveOutcome {
         }
     }
 
-    /// The round-1 windows that have a limit, of the first account.
-    pub fn windows(&self) -> Vec<WindowUsage> {
-        let usage = self.usage();
-        let Some(first) = usage.first().map(|u| &u.account) else { return Vec::new() };
-        windows_of(usage.iter().filter(|u| &u.account == first))
+    /// The round-1 windows that have a limit, of `first` (the reservation's `key_id`): other keys charged
+    /// have no place in round-1 fields.
+    pub fn windows(&self, first: &AccountKey) -> Vec<WindowUsage> {
+        windows_of(self.usage().iter().filter(|u| &u.account == first))
     }
 }
 

@@ -247,7 +247,7 @@ mod tests {
         let usd = Unit::parse("usd").unwrap();
         let name = PlanName::parse("free").unwrap();
         let dup = vec![(usd.clone(), spec("daily", 1, Some(1))), (usd.clone(), spec("daily", 2, Some(2)))];
-        assert_eq!(Plan::new(name.clone(), dup).unwrap_err().field, "limits.name");
+        assert_eq!(Plan::new(name.clone(), dup).unwrap_err().field, "limits[1].name");
         let other_unit = vec![
             (usd.clone(), spec("daily", 1, Some(1))),
             (Unit::parse("eur").unwrap(), spec("daily", 1, Some(1))),

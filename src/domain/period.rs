@@ -102,7 +102,10 @@ impl Period {
         if length < TimeDelta::seconds(1) || length > TimeDelta::days(MAX_PERIOD_DAYS) {
             return Err(InvalidArgument::new(
                 field,
-                format!("must be between 1s and {MAX_PERIOD_DAYS} days, got {}s", length.num_seconds()),
+                format!(
+                    "must be between 1 second and {MAX_PERIOD_DAYS} days, got {}",
+                    humantime::format_duration(length.abs().to_std().unwrap_or_default())
+                ),
             ));
         }
         Ok(Period::Rolling(length))
@@ -119,11 +122,16 @@ impl Period {
         if count == 0 || count > unit.max_count() {
             return Err(InvalidArgument::new(
                 "period.calendar.count",
-                format!(
-                    "must be 1 to {} for {}s (a period spans at most {MAX_PERIOD_DAYS} days), got {count}",
-                    unit.max_count(),
-                    unit.as_str()
-                ),
+                match unit.max_count() {
+                    1 => format!(
+                        "must be 1 for {}s (a period spans at most {MAX_PERIOD_DAYS} days), got {count}",
+                        unit.as_str()
+                    ),
+                    max => format!(
+                        "must be 1 to {max} for {}s (a period spans at most {MAX_PERIOD_DAYS} days), got {count}",
+                        unit.as_str()
+                    ),
+                },
             ));
         }
         let zone: Tz = zone.parse().map_err(|_| {

@@ -107,8 +107,9 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
             commit: r.commit,
             metadata: Metadata::parse(r.metadata).map_err(invalid)?,
         };
+        let first = reserve.accounts[0].clone();
         let outcome = self.app.reserve(reserve).await?;
-        let usage = outcome.windows().iter().map(convert::usage).collect();
+        let usage = outcome.windows(&first).iter().map(convert::usage).collect();
         let limits = outcome.usage().iter().map(convert::limit_usage).collect();
         let response = match outcome {
             ReserveOutcome::Allowed { transaction, .. } => pb::ReserveSpendingResponse {
@@ -121,7 +122,11 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
             ReserveOutcome::Denied { exceeded, .. } => {
                 let windows: Vec<i32> = Window::ALL
                     .into_iter()
-                    .filter(|w| exceeded.iter().any(|e| e.usage.name.as_str() == w.as_str()))
+                    .filter(|w| {
+                        exceeded
+                            .iter()
+                            .any(|e| e.usage.account == first && e.usage.name.as_str() == w.as_str())
+                    })
                     .map(|w| convert::window_to_pb(w).into())
                     .collect();
                 pb::ReserveSpendingResponse {

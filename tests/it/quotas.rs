@@ -248,7 +248,7 @@ async fn bad_input_is_invalid_argument_naming_the_field(pool: PgPool) {
     put_limit(&mut c, "k", limit("l0", day(), Some(2))).await.expect("replacing one is fine at the bound");
 
     let dup = vec![plan_limit("d", day(), 1), plan_limit("d", rolling(60), 2)];
-    assert_invalid(c.put_plan(pb::PutPlanRequest { name: "p".into(), limits: dup }).await, "limits.name");
+    assert_invalid(c.put_plan(pb::PutPlanRequest { name: "p".into(), limits: dup }).await, "limits[1].name");
     assert_invalid(c.put_plan(pb::PutPlanRequest { name: "bad name".into(), limits: vec![] }).await, "name");
     let zone = vec![plan_limit("d", calendar(pb::CalendarUnit::Day, "2030-01-01T00:00:00Z", "Nowhere"), 1)];
     assert_invalid(
