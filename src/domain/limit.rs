@@ -161,10 +161,10 @@ impl Plan {
     pub fn new(name: PlanName, limits: Vec<(Unit, LimitSpec)>) -> Result<Self, InvalidArgument> {
         let mut by_unit: BTreeMap<Unit, Vec<LimitSpec>> = BTreeMap::new();
         let mut seen = BTreeSet::new();
-        for (unit, spec) in limits {
+        for (i, (unit, spec)) in limits.into_iter().enumerate() {
             if spec.amount.is_none() {
                 return Err(InvalidArgument::new(
-                    "limits.amount",
+                    format!("limits[{i}].amount"),
                     format!(
                         "plan limit {} needs an amount: only a key's own limit may be unlimited",
                         spec.name
@@ -173,7 +173,7 @@ impl Plan {
             }
             if !seen.insert((unit.clone(), spec.name.clone())) {
                 return Err(InvalidArgument::new(
-                    "limits.name",
+                    format!("limits[{i}].name"),
                     format!("limit {} appears twice for unit {unit}", spec.name),
                 ));
             }
@@ -255,7 +255,7 @@ mod tests {
         assert!(Plan::new(name.clone(), other_unit).is_ok());
         assert_eq!(
             Plan::new(name.clone(), vec![(usd.clone(), spec("d", 1, None))]).unwrap_err().field,
-            "limits.amount"
+            "limits[0].amount"
         );
         let many = (0..33).map(|i| (usd.clone(), spec(&format!("l{i}"), 1, Some(1)))).collect();
         assert_eq!(Plan::new(name, many).unwrap_err().field, "limits");
