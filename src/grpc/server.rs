@@ -2,7 +2,6 @@ use std::time::Duration;
 
 use metrics::gauge;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -89,7 +88,13 @@ impl<S: Store> Server<S> {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(SpendingLimitsServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+            // TCP_NODELAY on every accepted connection: without it a response written in two pieces waits
+            // for the client's delayed ACK (40 ms on Linux) — seen as 50 ms pairs once responses grew past
+            // one write. `Server::tcp_nodelay` does not apply to a listener of our own.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            );
         let deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain_delay + grace).await;
