@@ -204,7 +204,15 @@ impl<S: Store> Allowance<S> {
                 (op, result)
             {
                 for e in exceeded {
-                    e.retry_after = Some(self.retry_after(&e.usage, r.amount.get(), now).await?);
+                    // Best effort: the batch has committed, so a failed look-up must not fail its
+                    // operations; the denial then goes out without a retry_after.
+                    e.retry_after = match self.retry_after(&e.usage, r.amount.get(), now).await {
+                        Ok(retry) => Some(retry),
+                        Err(error) => {
+                            tracing::warn!(%error, "could not work out retry_after for a denial");
+                            None
+                        }
+                    };
                 }
             }
         }

@@ -145,9 +145,16 @@ impl Account {
         effective_limits(&self.limits, &self.plan_limits)
     }
 
-    /// The periods whose totals must be kept: those of the effective limits, and `also`.
+    /// The periods whose totals must be kept: those of the effective limits, those of the plan's limits
+    /// even where an own limit overrides them (removing the override makes the plan's limit apply at once,
+    /// within the same batch, so its totals must already be exact), and `also`.
     pub fn tracked_periods(&self, also: &[Period]) -> BTreeSet<Period> {
-        self.effective_limits().into_iter().map(|l| l.period).chain(also.iter().copied()).collect()
+        self.effective_limits()
+            .into_iter()
+            .map(|l| l.period)
+            .chain(self.plan_limits.iter().map(|l| l.period))
+            .chain(also.iter().copied())
+            .collect()
     }
 
     /// Periods in `wanted` without totals yet: storage sums them from history.

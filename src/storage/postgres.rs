@@ -897,7 +897,15 @@ async fn load(
     let mut fresh: HashMap<usize, (i128, i128)> = HashMap::new();
     for row in rows {
         match row.kind {
-            1 => loaded.transactions.push(row.into_tx()?),
+            1 => {
+                let tx = row.into_tx()?;
+                // The lock statement ran before this one: a transaction committed in between (a commit or
+                // reverse racing its own reserve) may charge an account this batch did not lock. Run again.
+                if tx.accounts.iter().any(|a| !account_ids.contains_key(a)) {
+                    return Err(Attempt::Retry);
+                }
+                loaded.transactions.push(tx);
+            }
             2 => loaded.expiring.push(row.into_expiring()?),
             3 => {
                 let (key, period) = row

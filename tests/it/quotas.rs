@@ -350,3 +350,51 @@ async fn overlapping_multi_key_reservations_on_two_replicas_respect_every_limit(
     }
     assert!(expected[users] > 0);
 }
+
+/// Removing an own limit that overrode a plan's makes the plan's limit apply within the same batch, with the
+/// spend already counted (its totals were kept all along).
+#[tokio::test]
+async fn removing_an_override_applies_the_plan_limit_within_the_same_batch() {
+    use std::sync::Arc;
+
+    use allowance::app::{Allowance, Operation, Outcome};
+    use allowance::domain::{
+        AccountKey, Amount, CalendarUnit, HoldTtl, KeyId, LimitName, LimitSpec, Metadata, Period, Plan,
+        PlanName, Reserve, ReserveOutcome, TransactionId, Unit,
+    };
+    use allowance::storage::memory::MemoryStore;
+
+    let clock = ManualClock::new(epoch());
+    let app = Allowance::new(Arc::new(MemoryStore::new()), Arc::new(clock));
+    let usd = Unit::parse("usd").unwrap();
+    let key = AccountKey::new(KeyId::parse("k").unwrap(), usd.clone());
+    let day = Period::calendar(CalendarUnit::Day, 1, epoch(), "UTC", epoch()).unwrap();
+    let daily = LimitName::parse("daily").unwrap();
+    let plan = Plan::new(
+        PlanName::parse("free").unwrap(),
+        vec![(usd, LimitSpec::new(daily.clone(), day, Some(100)).unwrap())],
+    )
+    .unwrap();
+    app.put_plan(plan).await.unwrap();
+    app.assign_plan(key.key_id.clone(), Some(PlanName::parse("free").unwrap())).await.unwrap();
+    app.put_limit(key.clone(), LimitSpec::new(daily.clone(), day, None).unwrap()).await.unwrap();
+    let reserve = |id: &str, amount| {
+        Operation::Reserve(Reserve {
+            transaction_id: TransactionId::parse(id).unwrap(),
+            accounts: vec![key.clone()],
+            amount: Amount::parse("amount", amount).unwrap(),
+            hold_ttl: HoldTtl::parse(chrono::TimeDelta::minutes(15)).unwrap(),
+            commit: true,
+            metadata: Metadata::default(),
+        })
+    };
+    app.execute(vec![reserve("t1", 500)]).await.unwrap();
+    let results = app
+        .execute(vec![Operation::RemoveLimit { account: key.clone(), name: daily }, reserve("t2", 90)])
+        .await
+        .unwrap();
+    let Ok(Outcome::Reserved(ReserveOutcome::Denied { exceeded, .. })) = &results[1] else {
+        panic!("the plan's 100 applies again, with 500 already spent: {results:?}");
+    };
+    assert_eq!(exceeded[0].usage.spent, 500);
+}
