@@ -133,12 +133,22 @@ pub struct Account {
     pub plan: Option<PlanName>,
     pub plan_limits: Vec<LimitSpec>,
     pub totals: BTreeMap<Period, Totals>,
+    /// The `now` of the last batch that wrote the account; `None` for a new one. A batch never decides at an
+    /// earlier instant (see [`crate::domain::Ledger::open`]).
+    pub as_of: Option<Timestamp>,
 }
 
 impl Account {
     /// A fresh account: no limits, nothing counted.
     pub fn new(key: AccountKey) -> Self {
-        Self { key, limits: BTreeMap::new(), plan: None, plan_limits: Vec::new(), totals: BTreeMap::new() }
+        Self {
+            key,
+            limits: BTreeMap::new(),
+            plan: None,
+            plan_limits: Vec::new(),
+            totals: BTreeMap::new(),
+            as_of: None,
+        }
     }
 
     pub fn effective_limits(&self) -> Vec<EffectiveLimit> {

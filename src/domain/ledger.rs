@@ -162,7 +162,13 @@ impl Loaded {
 
 impl Ledger {
     /// Opens the ledger at `now`: releases expired holds, then moves every period to `now`.
+    ///
+    /// `now` is first raised to the latest instant at which any of the batch's accounts was written: time
+    /// never runs backwards for an account, whatever the clock of the replica deciding. Otherwise a replica
+    /// behind another (or a clock stepped back) would decide against totals already moved past its `now`
+    /// and record spend that no period counts.
     pub fn open(now: Timestamp, loaded: Loaded) -> Self {
+        let now = loaded.accounts.iter().filter_map(|a| a.as_of).fold(now, Timestamp::max);
         let mut ledger = Self {
             now,
             accounts: loaded.accounts.into_iter().map(|a| (a.key.clone(), Tracked::loaded(a))).collect(),
@@ -377,6 +383,7 @@ impl Ledger {
             let keep = tracked.value.tracked_periods(&[]);
             tracked.value.totals.retain(|p, _| keep.contains(p));
             if tracked.original.as_ref() != Some(&tracked.value) {
+                tracked.value.as_of = Some(self.now);
                 changes.accounts.push(tracked.value);
             }
         }

@@ -74,6 +74,8 @@ impl State {
         let owners = ids.iter().filter_map(|id| self.transactions.get(id)).flat_map(|t| t.accounts.clone());
         let keys: Vec<AccountKey> = accounts.iter().cloned().chain(owners).collect();
         let accounts: Vec<Account> = sorted_unique(&keys).iter().map(|k| self.account(k)).collect();
+        // Never earlier than the accounts' last write, as `Ledger::open` will decide.
+        let now = accounts.iter().filter_map(|a| a.as_of).fold(now, Timestamp::max);
         let mut loaded = Loaded {
             transactions: ids.iter().filter_map(|id| self.transactions.get(id).cloned()).collect(),
             ..Loaded::default()

@@ -158,6 +158,9 @@ impl PgStore {
             Access::Write => lock_accounts(&mut tx, accounts, ids).await?,
             Access::Read => read_accounts(&mut tx, accounts, ids).await?,
         };
+        // Never earlier than the accounts' last write (see `Ledger::open`), and the same instant for the
+        // load's ranges as for the ledger.
+        let now = rows.iter().map(|r| r.updated_at).fold(now, Timestamp::max);
         let (account_ids, loaded) = load(&mut tx, rows, ids, also, now).await?;
         let mut ledger = Ledger::open(now, loaded);
         let value = apply(&mut ledger);
@@ -480,6 +483,10 @@ fn far_future() -> Timestamp {
     chrono::DateTime::from_timestamp(253_402_300_799, 0).expect("9999-12-31 is representable")
 }
 
+/// `accounts.updated_at` of an account no batch has written yet (the epoch, so that it never raises a
+/// batch's `now`; see `Ledger::open`).
+const NEVER_WRITTEN: Timestamp = chrono::DateTime::UNIX_EPOCH;
+
 /// A limit as stored in `accounts.limits`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct StoredLimit {
@@ -509,6 +516,7 @@ struct AccountRow {
     totals: Json<Vec<StoredTotals>>,
     plan: Option<String>,
     plan_limits: Option<Json<Vec<StoredLimit>>>,
+    updated_at: Timestamp,
 }
 
 impl AccountRow {
@@ -521,6 +529,7 @@ impl AccountRow {
             totals: Json(Vec::new()),
             plan: None,
             plan_limits: None,
+            updated_at: NEVER_WRITTEN,
         }
     }
 
@@ -533,6 +542,7 @@ impl AccountRow {
         for t in self.totals.0 {
             account.totals.insert(t.p.parse().map_err(StorageError::Corrupt)?, t.totals);
         }
+        account.as_of = (self.updated_at > NEVER_WRITTEN).then_some(self.updated_at);
         account.plan = self.plan.map(|p| parse_stored(PlanName::parse(p))).transpose()?;
         account.plan_limits = self
             .plan_limits
@@ -639,11 +649,12 @@ async fn lock_accounts(
     }
     let (keys, units) = key_columns(&missing);
     sqlx::query!(
-        r#"INSERT INTO accounts (key_id, unit)
-           SELECT * FROM UNNEST($1::text[], $2::text[]) ORDER BY 1, 2
+        r#"INSERT INTO accounts (key_id, unit, updated_at)
+           SELECT k.key_id, k.unit, $3 FROM UNNEST($1::text[], $2::text[]) AS k(key_id, unit) ORDER BY 1, 2
            ON CONFLICT (key_id, unit) DO NOTHING"#,
         &keys,
         &units,
+        NEVER_WRITTEN,
     )
     .execute(&mut **tx)
     .await?;
@@ -700,7 +711,7 @@ async fn select_accounts(
         sqlx::query_as!(
             AccountRow,
             r#"WITH locked AS MATERIALIZED (
-                   SELECT id, key_id, unit, limits, totals FROM accounts
+                   SELECT id, key_id, unit, limits, totals, updated_at FROM accounts
                    WHERE id IN (SELECT a.id FROM accounts a
                                 JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
                                   ON a.key_id = k.key_id AND a.unit = k.unit
@@ -713,7 +724,8 @@ async fn select_accounts(
                       p.name AS "plan?",
                       (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount))
                        FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
-                        AS "plan_limits?: Json<Vec<StoredLimit>>"
+                        AS "plan_limits?: Json<Vec<StoredLimit>>",
+                      l.updated_at AS "updated_at!"
                FROM locked l
                LEFT JOIN key_plans kp ON kp.key_id = l.key_id
                LEFT JOIN plans p ON p.id = kp.plan_id"#,
@@ -731,7 +743,8 @@ async fn select_accounts(
                       p.name AS "plan?",
                       (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount))
                        FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
-                        AS "plan_limits?: Json<Vec<StoredLimit>>"
+                        AS "plan_limits?: Json<Vec<StoredLimit>>",
+                      l.updated_at AS "updated_at!"
                FROM accounts l
                LEFT JOIN key_plans kp ON kp.key_id = l.key_id
                LEFT JOIN plans p ON p.id = kp.plan_id

@@ -398,3 +398,28 @@ async fn removing_an_override_applies_the_plan_limit_within_the_same_batch() {
     };
     assert_eq!(exceeded[0].usage.spent, 500);
 }
+
+/// Two replicas whose clocks straddle a calendar boundary: the one behind cannot spend against the period
+/// the other has already moved the key into without it counting (time never runs backwards for a key).
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn a_replica_with_a_lagging_clock_cannot_spend_uncounted(pool: PgPool) {
+    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc();
+    let ahead = ManualClock::new(at("2030-01-02T00:00:00.010Z"));
+    let behind = ManualClock::new(at("2030-01-01T23:59:59.995Z"));
+    let a = TestServer::on(&second_pool(&pool, 4).await, &ahead).await;
+    let b = TestServer::on(&second_pool(&pool, 4).await, &behind).await;
+    let (mut ca, mut cb) = (a.client.clone(), b.client.clone());
+    let day = calendar(pb::CalendarUnit::Day, "2030-01-01T00:00:00Z", "UTC");
+    put_limit(&mut ca, "k", limit("daily", day, Some(100))).await.unwrap();
+    let commit =
+        |tx: &str, amount| pb::ReserveSpendingRequest { commit: true, ..reserve_req("k", tx, amount) };
+    assert!(ca.reserve_spending(commit("t1", 10)).await.unwrap().into_inner().allowed);
+    let mut allowed = 0;
+    for i in 0..3 {
+        let r = cb.reserve_spending(commit(&format!("b{i}"), 90)).await.unwrap().into_inner();
+        allowed += i64::from(r.allowed) * 90;
+    }
+    assert_eq!(allowed, 90, "the lagging replica decides at the key's own time: 10 + 90 fits, no more");
+    let l = limits(&mut ca, "k").await.limits.remove(0);
+    assert_eq!(l.spent, 100, "every allowed spend counts");
+}
