@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{Days, LocalResult, Months, NaiveDate, NaiveDateTime, TimeDelta, TimeZone, Utc};
+use chrono::{Days, DurationRound, LocalResult, Months, NaiveDate, NaiveDateTime, TimeDelta, TimeZone, Utc};
 use chrono_tz::Tz;
 
 use super::{InvalidArgument, Timestamp};
@@ -137,6 +137,8 @@ impl Period {
         let zone: Tz = zone.parse().map_err(|_| {
             InvalidArgument::new("period.calendar.time_zone", format!("unknown IANA time zone {zone:?}"))
         })?;
+        // Postgres and the canonical text keep microseconds: finer digits would not survive a reload.
+        let anchor = anchor.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(anchor);
         if (anchor - now).abs() > MAX_ANCHOR_DISTANCE {
             return Err(InvalidArgument::new(
                 "period.calendar.anchor",
@@ -167,6 +169,10 @@ impl Period {
 impl Calendar {
     /// The `k`-th boundary (0 is the anchor; negative ones lie before it).
     pub fn boundary(&self, k: i64) -> Timestamp {
+        if k == 0 {
+            // Exactly the anchor, even when it names the second of two instants with the same local time.
+            return self.anchor;
+        }
         let local = self.anchor.with_timezone(&self.zone).naive_local();
         let steps = k * i64::from(self.count);
         let date = match self.unit {
