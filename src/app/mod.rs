@@ -198,6 +198,8 @@ impl<S: Store> Allowance<S> {
             .await
             .inspect_err(metrics::storage_error)?;
         metrics::batch(&operations, &out.value, out.expired_holds);
+        // Worked out at the instant the batch decided at, which may be later than this replica's clock.
+        let now = out.now;
         let mut results = out.value;
         for (op, result) in operations.iter().zip(&mut results) {
             if let (Operation::Reserve(r), Ok(Outcome::Reserved(ReserveOutcome::Denied { exceeded, .. }))) =
@@ -231,10 +233,7 @@ impl<S: Store> Allowance<S> {
         if i128::from(amount) > i128::from(limit) {
             return Ok(crate::domain::RetryAfter::Never);
         }
-        let from = match usage.period {
-            Period::Rolling(_) => usage.period.start_at(now) + chrono::TimeDelta::microseconds(1),
-            Period::Calendar(_) => usage.period_start.unwrap_or_else(|| usage.period.start_at(now)),
-        };
+        let from = usage.period.counts_from(now);
         let counted: Counted = self
             .store
             .counted(&usage.account, &usage.period, from, now, RETRY_SCAN_ROWS)

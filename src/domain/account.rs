@@ -102,10 +102,15 @@ pub struct LimitUsage {
     pub resets_at: Option<Timestamp>,
 }
 
+/// `max(0, limit - spent - held)`, or `None` without a limit.
+fn remaining(limit: Option<i64>, spent: i128, held: i128) -> Option<i128> {
+    limit.map(|limit| (i128::from(limit) - spent - held).max(0))
+}
+
 impl LimitUsage {
     /// `max(0, limit - spent - held)`, or `None` without a limit.
     pub fn remaining(&self) -> Option<i128> {
-        self.limit.map(|limit| (i128::from(limit) - self.spent - self.held).max(0))
+        remaining(self.limit, self.spent, self.held)
     }
 }
 
@@ -120,7 +125,7 @@ pub struct WindowUsage {
 
 impl WindowUsage {
     pub fn remaining(&self) -> Option<i128> {
-        self.limit.map(|limit| (i128::from(limit) - self.spent - self.held).max(0))
+        remaining(self.limit, self.spent, self.held)
     }
 }
 
@@ -297,18 +302,8 @@ impl Account {
         WindowUsage { window, limit, spent: totals.committed, held: totals.held }
     }
 
-    /// Round-1 windows that have a limit.
-    pub fn limited_windows(&self) -> Vec<WindowUsage> {
-        Window::ALL.into_iter().map(|w| self.window_usage(w)).filter(|u| u.limit.is_some()).collect()
-    }
-
     pub fn all_windows(&self) -> Vec<WindowUsage> {
         Window::ALL.into_iter().map(|w| self.window_usage(w)).collect()
-    }
-
-    /// Where `period` counts from now (what storage must look at to find when capacity returns).
-    pub fn since(&self, period: &Period) -> Timestamp {
-        self.totals_of(period).since
     }
 }
 

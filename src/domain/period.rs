@@ -164,6 +164,14 @@ impl Period {
             Period::Calendar(c) => c.bounds(now).0,
         }
     }
+
+    /// The earliest creation time the period counts at `now`, inclusive (for range queries).
+    pub fn counts_from(&self, now: Timestamp) -> Timestamp {
+        match self {
+            Period::Rolling(_) => self.start_at(now) + TimeDelta::microseconds(1),
+            Period::Calendar(_) => self.start_at(now),
+        }
+    }
 }
 
 impl Calendar {

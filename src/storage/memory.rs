@@ -137,6 +137,7 @@ impl Store for MemoryStore {
     {
         let mut state = self.lock();
         let mut ledger = Ledger::open(now, state.load(accounts, transactions, also, now));
+        let now = ledger.now();
         let value = apply(&mut ledger);
         let changes = ledger.into_changes();
         if access == Access::Write {
@@ -148,7 +149,7 @@ impl Store for MemoryStore {
             }
             state.released.extend(changes.expired);
         }
-        Ok(BatchOutput { value, expired_holds: changes.expired_holds })
+        Ok(BatchOutput { value, expired_holds: changes.expired_holds, now })
     }
 
     async fn get_transaction(&self, id: &TransactionId) -> Result<Option<Transaction>, StorageError> {

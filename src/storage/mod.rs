@@ -37,6 +37,8 @@ pub enum Access {
 pub struct BatchOutput<R> {
     pub value: R,
     pub expired_holds: u64,
+    /// The instant the batch decided at: the clock, raised to its accounts' last write (`Ledger::open`).
+    pub now: Timestamp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

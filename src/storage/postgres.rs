@@ -4,7 +4,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use chrono::TimeDelta;
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -172,7 +171,7 @@ impl PgStore {
             }
             tx.commit().await?;
         }
-        Ok(BatchOutput { value, expired_holds })
+        Ok(BatchOutput { value, expired_holds, now })
     }
 }
 
@@ -852,11 +851,7 @@ async fn load(
             uptos.push(range.upto);
         }
         for period in account.missing_periods(&Loaded::tracked(account, also)) {
-            // What the period counts at `now`, as an inclusive lower bound of creation times.
-            let from = match period {
-                Period::Rolling(_) => period.start_at(now) + TimeDelta::microseconds(1),
-                Period::Calendar(_) => period.start_at(now),
-            };
+            let from = period.counts_from(now);
             missing.push((account.key.clone(), period, period.start_at(now)));
             missing_ids.push(row_id);
             froms.push(from);
