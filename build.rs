@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/allowance/v1/allowance.proto";
+    let protos = ["proto/allowance/v1/allowance.proto", "proto/allowance/v1/admin.proto"];
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // Encoded descriptors for server reflection.
     std::fs::write(out_dir.join("allowance_descriptor.bin"), fds.encode_to_vec())?;

@@ -10,6 +10,7 @@
 #   E2E_RUN_ID           unique per run; part of every key and transaction id
 #   E2E_PG_BIN, ALLOWANCE_PG_PORT, ALLOWANCE_PG_DIR, ALLOWANCE_PG_OPTS   the throwaway Postgres (outage test)
 #   E2E_ROOT             the repository
+#   ALLOWANCE_TOKEN      the suite's admin credential (every scope, every key); the CLI sends it
 # E2E_STRICT=1 runs the tests marked as known bugs instead of skipping them.
 
 if declare -F bats_require_minimum_version >/dev/null; then
@@ -164,10 +165,16 @@ start_instance() {
   INSTANCE_LOG="$E2E_STATE_DIR/$name-${BATS_TEST_NUMBER:-0}.log"
   (without_bats_fds env ALLOWANCE_LISTEN="127.0.0.1:$INSTANCE_PORT" \
     ALLOWANCE_METRICS_LISTEN="127.0.0.1:$INSTANCE_METRICS_PORT" \
-    ALLOWANCE_HEALTH_INTERVAL=200ms \
+    ALLOWANCE_HEALTH_INTERVAL=200ms ALLOWANCE_AUTH_REFRESH=200ms \
     "$@" "$ALLOWANCE_BIN" serve) </dev/null >"$INSTANCE_LOG" 2>&1 &
   INSTANCE_PID=$!
   echo "$INSTANCE_PID" >>"$E2E_STATE_DIR/pids"
+}
+
+# A new credential with every scope on the database at URL (migrated), made as operators make the first one.
+# db_token URL
+db_token() {
+  allowance callers create --name "test-$KEY" --scopes spend,read,admin --database-url "$1" --json | jq -er .credential
 }
 
 # True while a process runs (an exited child not yet reaped is a zombie: not running).

@@ -130,7 +130,9 @@ create_database() { # name: prints its URL
 
   run -0 env DATABASE_URL="$url" "$ALLOWANCE_BIN" migrate
   wait_until 10 healthy "$INSTANCE_ADDR"
-  run -0 allowance reserve --addr "$INSTANCE_ADDR" --key "$KEY" --tx "$TX-1" --amount 1
+  # That database has callers of its own; the instance picks a new one up at its next re-read.
+  ALLOWANCE_TOKEN=$(db_token "$url")
+  wait_until 5 allowance reserve --addr "$INSTANCE_ADDR" --key "$KEY" --tx "$TX-1" --amount 1
   # Migrating again is a no-op.
   run -0 env DATABASE_URL="$url" "$ALLOWANCE_BIN" migrate
   run -0 allowance tx get --addr "$INSTANCE_ADDR" --tx "$TX-1" --json
@@ -142,7 +144,10 @@ create_database() { # name: prints its URL
   url=$(create_database "fresh_${BATS_TEST_NUMBER}_$RANDOM")
   start_instance migrate-flag DATABASE_URL="$url" ALLOWANCE_MIGRATE=true
   wait_until 20 healthy "$INSTANCE_ADDR"
-  run -0 allowance reserve --addr "$INSTANCE_ADDR" --key "$KEY" --tx "$TX-1" --amount 1 --commit
+  ALLOWANCE_TOKEN=$(db_token "$url")
+  wait_until 5 allowance reserve --addr "$INSTANCE_ADDR" --key "$KEY" --tx "$TX-1" --amount 1 --commit
+  run -0 allowance tx get --addr "$INSTANCE_ADDR" --tx "$TX-1" --json
+  assert_json '.state == "committed"'
 }
 
 @test "startup: ALLOWANCE_DEFAULT_HOLD_TTL and ALLOWANCE_DEFAULT_UNIT apply to requests that leave them unset" {

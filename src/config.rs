@@ -56,6 +56,18 @@ pub struct ServeConfig {
     /// How often holds that expired on keys nobody has called since are released.
     #[arg(long, env = "ALLOWANCE_SWEEP_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
+    /// Serve without authentication: any client that reaches the port may do anything. For local
+    /// development only; logs a warning at start-up.
+    #[arg(long, env = "ALLOWANCE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// How often the callers table is re-read: the longest a revocation (or a caller created on another
+    /// replica) takes to apply here.
+    #[arg(long, env = "ALLOWANCE_AUTH_REFRESH", default_value = "2s", value_parser = parse_duration)]
+    pub auth_refresh: Duration,
+    /// After this long without a successful re-read (the database unreachable), calls are refused with
+    /// UNAVAILABLE rather than checked against a copy that may miss revocations.
+    #[arg(long, env = "ALLOWANCE_AUTH_MAX_STALENESS", default_value = "30s", value_parser = parse_duration)]
+    pub auth_max_staleness: Duration,
 }
 
 impl ServeConfig {
@@ -70,8 +82,16 @@ impl ServeConfig {
         if self.listen == self.metrics_listen {
             return Err(format!("ALLOWANCE_LISTEN and ALLOWANCE_METRICS_LISTEN are both {}", self.listen));
         }
-        if self.health_interval.is_zero() || self.sweep_interval.is_zero() {
-            return Err("ALLOWANCE_HEALTH_INTERVAL and ALLOWANCE_SWEEP_INTERVAL must be positive".into());
+        if self.health_interval.is_zero() || self.sweep_interval.is_zero() || self.auth_refresh.is_zero() {
+            return Err(
+                "ALLOWANCE_HEALTH_INTERVAL, ALLOWANCE_SWEEP_INTERVAL and ALLOWANCE_AUTH_REFRESH must be positive".into()
+            );
+        }
+        if self.auth_max_staleness <= self.auth_refresh {
+            return Err(format!(
+                "ALLOWANCE_AUTH_MAX_STALENESS ({:?}) must be longer than ALLOWANCE_AUTH_REFRESH ({:?})",
+                self.auth_max_staleness, self.auth_refresh
+            ));
         }
         Ok(())
     }

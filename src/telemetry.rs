@@ -101,6 +101,11 @@ fn register_at_zero() {
         counter!("allowance_db_errors_total", "kind" => kind).absolute(0);
     }
     counter!("allowance_holds_expired_total").absolute(0);
+    for reason in crate::domain::AuthFailure::REASONS {
+        counter!("allowance_auth_failures_total", "reason" => reason).absolute(0);
+    }
+    gauge!("allowance_auth_callers").set(0.0);
+    gauge!("allowance_auth_cache_age_seconds").set(0.0);
     gauge!("allowance_open_holds").set(0.0);
     gauge!("allowance_ready").set(0.0);
     gauge!("allowance_db_pool_waiting").set(0.0);
@@ -127,5 +132,17 @@ pub fn describe() {
         "Database failures by kind (unavailable, contended, corrupt)."
     );
     describe_gauge!("allowance_ready", "1 while the database is reachable and migrated, else 0.");
+    describe_counter!(
+        "allowance_auth_failures_total",
+        "Calls refused by authentication or authorisation, by reason (never by caller, key or secret)."
+    );
+    describe_gauge!(
+        "allowance_auth_callers",
+        "Callers (revoked ones included) in this replica's credential cache."
+    );
+    describe_gauge!(
+        "allowance_auth_cache_age_seconds",
+        "Seconds since this replica last re-read the callers table."
+    );
     describe_gauge!("allowance_build_info", "The running version.");
 }

@@ -97,7 +97,7 @@ impl Batcher {
             Operation::SetLimit { account, .. }
             | Operation::PutLimit { account, .. }
             | Operation::RemoveLimit { account, .. } => self.hasher.hash_one(account),
-            Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id } => {
+            Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id, .. } => {
                 match self.lock_owners().get(transaction_id) {
                     Some(account) => self.hasher.hash_one(&account),
                     None => self.hasher.hash_one(transaction_id),

@@ -8,14 +8,17 @@ use batcher::Batcher;
 
 use crate::clock::Clock;
 use crate::domain::{
-    AccountKey, Amount, Committed, Counted, InvalidArgument, KeyId, Limit, LimitName, LimitSpec, LimitUsage,
-    Period, Plan, PlanName, Rejection, Reserve, ReserveOutcome, Reversed, Transaction, TransactionId, Window,
-    WindowUsage, retry_after,
+    AccountKey, Actor, Amount, AuditAction, AuditEvent, Committed, Counted, InvalidArgument, KeyId, Ledger,
+    Limit, LimitName, LimitSpec, LimitUsage, Period, Plan, PlanName, Rejection, Reserve, ReserveOutcome,
+    Reversed, Transaction, TransactionId, TxState, Window, WindowUsage, retry_after,
 };
 use crate::storage::{Access, Cursor, PlanDeletion, PlanInfo, StorageError, Store};
 
 mod batcher;
+mod callers;
 mod metrics;
+
+pub use callers::{CallerCache, DEFAULT_AUDIT_PAGE, IssuedCredential, MAX_AUDIT_PAGE};
 
 pub use metrics::describe as describe_metrics;
 
@@ -38,30 +41,18 @@ pub enum Error {
 /// One operation of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
+    /// The caller's key prefixes are checked at the edge, where the keys are named.
     Reserve(Reserve),
-    Commit {
-        transaction_id: TransactionId,
-        amount: Option<Amount>,
-    },
-    Reverse {
-        transaction_id: TransactionId,
-    },
-    /// Round 1: sets (`Some`) or removes (`None`) the rolling limit named after a window.
-    SetLimit {
-        account: AccountKey,
-        window: Window,
-        limit: Option<Limit>,
-    },
-    /// Sets a key's own limit, replacing one of the same name.
-    PutLimit {
-        account: AccountKey,
-        spec: LimitSpec,
-    },
-    /// Removes a key's own limit.
-    RemoveLimit {
-        account: AccountKey,
-        name: LimitName,
-    },
+    /// A transaction outside `by`'s key prefixes is NOT_FOUND, as if it did not exist.
+    Commit { transaction_id: TransactionId, amount: Option<Amount>, by: Actor },
+    /// As commit; audited.
+    Reverse { transaction_id: TransactionId, by: Actor },
+    /// Round 1: sets (`Some`) or removes (`None`) the rolling limit named after a window. Audited.
+    SetLimit { account: AccountKey, window: Window, limit: Option<Limit>, by: Actor },
+    /// Sets a key's own limit, replacing one of the same name. Audited.
+    PutLimit { account: AccountKey, spec: LimitSpec, by: Actor },
+    /// Removes a key's own limit. Audited.
+    RemoveLimit { account: AccountKey, name: LimitName, by: Actor },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,18 +91,33 @@ pub struct Allowance<S> {
     clock: Arc<dyn Clock>,
     /// Group commit in front of [`Allowance::execute`]; `None` runs every call as its own batch.
     batcher: Option<Batcher>,
+    callers: Arc<CallerCache>,
 }
 
 impl<S> Clone for Allowance<S> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), clock: self.clock.clone(), batcher: self.batcher.clone() }
+        Self {
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            batcher: self.batcher.clone(),
+            callers: self.callers.clone(),
+        }
     }
 }
+
+/// How long a copy of the callers table may go without a successful refresh before authentication refuses.
+pub const DEFAULT_CALLERS_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl<S: Store> Allowance<S> {
     /// Every call is its own batch (one database transaction).
     pub fn new(store: Arc<S>, clock: Arc<dyn Clock>) -> Self {
-        Self { store, clock, batcher: None }
+        Self { store, clock, batcher: None, callers: Arc::new(CallerCache::new(DEFAULT_CALLERS_MAX_AGE)) }
+    }
+
+    /// Authentication refuses once its copy of the callers is older than `max_age` (no refresh succeeded).
+    pub fn with_callers_max_age(mut self, max_age: std::time::Duration) -> Self {
+        self.callers = Arc::new(CallerCache::new(max_age));
+        self
     }
 
     /// Coalesces concurrent reserves, commits, reverses and limit changes into shared batches. Must be called
@@ -151,12 +157,12 @@ impl<S: Store> Allowance<S> {
                     accounts.push(account.clone());
                     also.push((account.clone(), Period::Rolling(window.length())));
                 }
-                Operation::PutLimit { account, spec } => {
+                Operation::PutLimit { account, spec, .. } => {
                     accounts.push(account.clone());
                     also.push((account.clone(), spec.period));
                 }
                 Operation::RemoveLimit { account, .. } => accounts.push(account.clone()),
-                Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id } => {
+                Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id, .. } => {
                     ids.push(transaction_id.clone())
                 }
             }
@@ -169,28 +175,49 @@ impl<S: Store> Allowance<S> {
                     .iter()
                     .map(|op| match op.clone() {
                         Operation::Reserve(r) => ledger.reserve(r).map(Outcome::Reserved),
-                        Operation::Commit { transaction_id, amount } => {
+                        Operation::Commit { transaction_id, amount, by } => {
+                            visible(ledger, &transaction_id, &by)?;
                             ledger.commit(&transaction_id, amount).map(Outcome::Committed)
                         }
-                        Operation::Reverse { transaction_id } => {
-                            ledger.reverse(&transaction_id).map(Outcome::Reversed)
+                        Operation::Reverse { transaction_id, by } => {
+                            visible(ledger, &transaction_id, &by)?;
+                            let reversed = ledger.reverse(&transaction_id)?;
+                            let t = &reversed.transaction;
+                            let state = |state: TxState| {
+                                serde_json::json!({ "state": state.as_str(), "amount": t.amount })
+                            };
+                            let event = AuditEvent::new(&by, ledger.now(), AuditAction::TransactionReverse, t.id.as_str())
+                                .on(&t.primary().key_id, Some(&t.primary().unit))
+                                .change(Some(state(reversed.from)), Some(state(t.state)));
+                            ledger.record(event);
+                            Ok(Outcome::Reversed(reversed))
                         }
-                        Operation::SetLimit { account, window, limit } => {
+                        Operation::SetLimit { account, window, limit, by } => {
                             let spec = LimitSpec::of_window(window, limit.map(Limit::get));
+                            let name = spec.name.clone();
+                            let before = own_limit(ledger, &account, &name);
                             match limit {
                                 Some(_) => ledger.put_limit(&account, spec)?,
                                 None => {
-                                    ledger.remove_limit(&account, &spec.name);
+                                    ledger.remove_limit(&account, &name);
                                     None
                                 }
                             };
+                            audit_limit(ledger, &by, &account, &name, before);
                             Ok(Outcome::Limit(ledger.account(&account).window_usage(window)))
                         }
-                        Operation::PutLimit { account, spec } => {
-                            ledger.put_limit(&account, spec).map(Outcome::LimitPut)
+                        Operation::PutLimit { account, spec, by } => {
+                            let name = spec.name.clone();
+                            let before = own_limit(ledger, &account, &name);
+                            let usage = ledger.put_limit(&account, spec)?;
+                            audit_limit(ledger, &by, &account, &name, before);
+                            Ok(Outcome::LimitPut(usage))
                         }
-                        Operation::RemoveLimit { account, name } => {
-                            Ok(Outcome::LimitRemoved(ledger.remove_limit(&account, &name)))
+                        Operation::RemoveLimit { account, name, by } => {
+                            let before = own_limit(ledger, &account, &name);
+                            let removed = ledger.remove_limit(&account, &name);
+                            audit_limit(ledger, &by, &account, &name, before);
+                            Ok(Outcome::LimitRemoved(removed))
                         }
                     })
                     .collect::<Vec<_>>()
@@ -261,15 +288,16 @@ impl<S: Store> Allowance<S> {
         &self,
         transaction_id: TransactionId,
         amount: Option<Amount>,
+        by: Actor,
     ) -> Result<Committed, Error> {
-        match self.execute_one(Operation::Commit { transaction_id, amount }).await? {
+        match self.execute_one(Operation::Commit { transaction_id, amount, by }).await? {
             Outcome::Committed(c) => Ok(c),
             other => unreachable!("commit answered {other:?}"),
         }
     }
 
-    pub async fn reverse(&self, transaction_id: TransactionId) -> Result<Reversed, Error> {
-        match self.execute_one(Operation::Reverse { transaction_id }).await? {
+    pub async fn reverse(&self, transaction_id: TransactionId, by: Actor) -> Result<Reversed, Error> {
+        match self.execute_one(Operation::Reverse { transaction_id, by }).await? {
             Outcome::Reversed(r) => Ok(r),
             other => unreachable!("reverse answered {other:?}"),
         }
@@ -280,31 +308,38 @@ impl<S: Store> Allowance<S> {
         account: AccountKey,
         window: Window,
         limit: Option<Limit>,
+        by: Actor,
     ) -> Result<WindowUsage, Error> {
-        match self.execute_one(Operation::SetLimit { account, window, limit }).await? {
+        match self.execute_one(Operation::SetLimit { account, window, limit, by }).await? {
             Outcome::Limit(u) => Ok(u),
             other => unreachable!("set limit answered {other:?}"),
         }
     }
 
     /// Sets a key's own limit. Returns its usage, `None` for an explicit "unlimited".
-    pub async fn put_limit(&self, account: AccountKey, spec: LimitSpec) -> Result<Option<LimitUsage>, Error> {
-        match self.execute_one(Operation::PutLimit { account, spec }).await? {
+    pub async fn put_limit(
+        &self,
+        account: AccountKey,
+        spec: LimitSpec,
+        by: Actor,
+    ) -> Result<Option<LimitUsage>, Error> {
+        match self.execute_one(Operation::PutLimit { account, spec, by }).await? {
             Outcome::LimitPut(u) => Ok(u),
             other => unreachable!("put limit answered {other:?}"),
         }
     }
 
     /// Removes a key's own limit; `NOT_FOUND`-worthy when it had none of that name.
-    pub async fn remove_limit(&self, account: AccountKey, name: LimitName) -> Result<bool, Error> {
-        match self.execute_one(Operation::RemoveLimit { account, name }).await? {
+    pub async fn remove_limit(&self, account: AccountKey, name: LimitName, by: Actor) -> Result<bool, Error> {
+        match self.execute_one(Operation::RemoveLimit { account, name, by }).await? {
             Outcome::LimitRemoved(found) => Ok(found),
             other => unreachable!("remove limit answered {other:?}"),
         }
     }
 
-    pub async fn put_plan(&self, plan: Plan) -> Result<PlanInfo, Error> {
-        self.store.put_plan(&plan).await.inspect_err(metrics::storage_error)?;
+    pub async fn put_plan(&self, plan: Plan, by: &Actor) -> Result<PlanInfo, Error> {
+        let audit = AuditEvent::new(by, self.clock.now(), AuditAction::PlanPut, plan.name.as_str());
+        self.store.put_plan(&plan, audit).await.inspect_err(metrics::storage_error)?;
         self.get_plan(plan.name).await
     }
 
@@ -319,8 +354,9 @@ impl<S: Store> Allowance<S> {
         Ok(self.store.list_plans().await.inspect_err(metrics::storage_error)?)
     }
 
-    pub async fn delete_plan(&self, name: PlanName) -> Result<(), Error> {
-        match self.store.delete_plan(&name).await.inspect_err(metrics::storage_error)? {
+    pub async fn delete_plan(&self, name: PlanName, by: &Actor) -> Result<(), Error> {
+        let audit = AuditEvent::new(by, self.clock.now(), AuditAction::PlanDelete, name.as_str());
+        match self.store.delete_plan(&name, audit).await.inspect_err(metrics::storage_error)? {
             PlanDeletion::Deleted => Ok(()),
             PlanDeletion::NotFound => Err(Rejection::PlanNotFound(name).into()),
             PlanDeletion::InUse(keys) => Err(Rejection::FailedPrecondition(format!(
@@ -331,8 +367,10 @@ impl<S: Store> Allowance<S> {
     }
 
     /// Puts a key on a plan, or on none.
-    pub async fn assign_plan(&self, key: KeyId, plan: Option<PlanName>) -> Result<(), Error> {
-        if self.store.assign_plan(&key, plan.as_ref()).await.inspect_err(metrics::storage_error)? {
+    pub async fn assign_plan(&self, key: KeyId, plan: Option<PlanName>, by: &Actor) -> Result<(), Error> {
+        let audit =
+            AuditEvent::new(by, self.clock.now(), AuditAction::PlanAssign, key.as_str()).on(&key, None);
+        if self.store.assign_plan(&key, plan.as_ref(), audit).await.inspect_err(metrics::storage_error)? {
             return Ok(());
         }
         let name = plan.map(|p| p.to_string()).unwrap_or_default();
@@ -388,12 +426,13 @@ impl<S: Store> Allowance<S> {
         Ok(out.value)
     }
 
+    /// A transaction outside `by`'s key prefixes is NOT_FOUND, as if it did not exist.
     #[tracing::instrument(name = "app.get_transaction", skip_all)]
-    pub async fn get_transaction(&self, id: TransactionId) -> Result<Transaction, Error> {
+    pub async fn get_transaction(&self, id: TransactionId, by: &Actor) -> Result<Transaction, Error> {
         let now = self.clock.now();
         match self.store.get_transaction(&id).await.inspect_err(metrics::storage_error)? {
-            Some(t) => Ok(t.as_of(now)),
-            None => Err(Rejection::NotFound(id).into()),
+            Some(t) if t.accounts.iter().all(|a| by.may_touch(&a.key_id)) => Ok(t.as_of(now)),
+            _ => Err(Rejection::NotFound(id).into()),
         }
     }
 
@@ -418,4 +457,38 @@ impl<S: Store> Allowance<S> {
         });
         Ok((page.into_iter().map(|t| t.as_of(now)).collect(), next))
     }
+}
+
+/// A transaction the actor may not touch is answered as if it did not exist: a tenant must not learn that
+/// another tenant's transaction id is taken.
+fn visible(ledger: &Ledger, id: &TransactionId, by: &Actor) -> Result<(), Rejection> {
+    match ledger.find(id) {
+        Some(t) if !t.accounts.iter().all(|a| by.may_touch(&a.key_id)) => {
+            Err(Rejection::NotFound(id.clone()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn own_limit(ledger: &Ledger, account: &AccountKey, name: &LimitName) -> Option<serde_json::Value> {
+    ledger.account(account).limits.get(name).map(LimitSpec::audit_json)
+}
+
+/// Records a change of an account's own limit, if there was one.
+fn audit_limit(
+    ledger: &mut Ledger,
+    by: &Actor,
+    account: &AccountKey,
+    name: &LimitName,
+    before: Option<serde_json::Value>,
+) {
+    let after = own_limit(ledger, account, name);
+    if before == after {
+        return;
+    }
+    let action = if after.is_some() { AuditAction::LimitPut } else { AuditAction::LimitDelete };
+    let event = AuditEvent::new(by, ledger.now(), action, name.as_str())
+        .on(&account.key_id, Some(&account.unit))
+        .change(before, after);
+    ledger.record(event);
 }

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Endpoint;
+
+use super::client::{AuthorizedChannel, Bearer};
 
 use crate::config::parse_duration;
 use crate::grpc::code_name;
@@ -73,6 +76,9 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// The caller's credential (needs the spend scope, and admin unless --no-setup).
+    #[arg(long, env = "ALLOWANCE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// What one worker saw while measuring.
@@ -112,9 +118,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let endpoint = Endpoint::from_shared(super::client::endpoint_uri(&args.addr))?
         .connect_timeout(Duration::from_secs(5));
+    let bearer = Bearer::new(args.token.as_deref()).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let mut channels = Vec::new();
     for _ in 0..args.connections {
-        channels.push(endpoint.connect().await?);
+        channels.push(InterceptedService::new(endpoint.connect().await?, bearer.clone()));
     }
     let run_id = format!("{:x}", chrono::Utc::now().timestamp_micros());
     let prefix = args.key_prefix.clone().unwrap_or_else(|| format!("bench-{run_id}-"));
@@ -157,7 +164,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn set_limits(channels: &[Channel], prefix: &str, keys: u64, limit: i64) -> anyhow::Result<()> {
+async fn set_limits(
+    channels: &[AuthorizedChannel],
+    prefix: &str,
+    keys: u64,
+    limit: i64,
+) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let per_task = keys.div_ceil(32);
     for t in 0..32u64 {
@@ -184,8 +196,8 @@ async fn set_limits(channels: &[Channel], prefix: &str, keys: u64, limit: i64) -
 }
 
 struct Worker {
-    client: SpendingLimitsClient<Channel>,
-    health: tonic_health::pb::health_client::HealthClient<Channel>,
+    client: SpendingLimitsClient<AuthorizedChannel>,
+    health: tonic_health::pb::health_client::HealthClient<AuthorizedChannel>,
     prefix: String,
     tx_prefix: String,
     keys: u64,

@@ -24,7 +24,32 @@ pub struct ClientOptions {
     /// Give up on the call after this long, e.g. 5s.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The caller's credential, `<caller id>:<secret>`, sent as `authorization: Bearer …`. Prefer the
+    /// environment variable: a flag shows in the process list.
+    #[arg(long, env = "ALLOWANCE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(<redacted>)")
+    }
+}
+
+/// Adds the caller's credential to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type AuthorizedChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 #[derive(Debug, Clone, Args)]
 pub struct Account {
@@ -468,8 +493,29 @@ async fn connect(options: &ClientOptions) -> Result<Channel, tonic::Status> {
         .map_err(|e| tonic::Status::unavailable(format!("cannot reach {}: {e}", options.addr)))
 }
 
-async fn spending(options: &ClientOptions) -> Result<SpendingLimitsClient<Channel>, tonic::Status> {
-    Ok(SpendingLimitsClient::new(connect(options).await?))
+/// A channel that sends `--token` (or `ALLOWANCE_TOKEN`) with every call.
+pub async fn authorized(options: &ClientOptions) -> Result<AuthorizedChannel, tonic::Status> {
+    let bearer = Bearer::new(options.token.as_deref())?;
+    Ok(tonic::service::interceptor::InterceptedService::new(connect(options).await?, bearer))
+}
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Result<Self, tonic::Status> {
+        let value = match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => None,
+            // The message never repeats the token.
+            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+                tonic::Status::invalid_argument(
+                    "--token/ALLOWANCE_TOKEN is not a credential (<caller id>:<secret>)",
+                )
+            })?),
+        };
+        Ok(Self(value))
+    }
+}
+
+async fn spending(options: &ClientOptions) -> Result<SpendingLimitsClient<AuthorizedChannel>, tonic::Status> {
+    Ok(SpendingLimitsClient::new(authorized(options).await?))
 }
 
 /// Runs a client command; prints the answer, or the status on stderr.
@@ -673,6 +719,8 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
                 return Ok(ExitCode::from(EXIT_ERROR));
             }
         }
+        Command::Callers(command) => return super::admin::callers(command).await,
+        Command::Audit(command) => return super::admin::audit(command).await,
         Command::Serve(_) | Command::Migrate(_) | Command::Bench(_) => unreachable!("not a client command"),
     }
     Ok(ExitCode::SUCCESS)

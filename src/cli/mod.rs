@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{DatabaseConfig, LogFormat, ServeConfig};
 
+mod admin;
 mod bench;
 mod client;
 mod output;
@@ -25,6 +26,7 @@ pub const EXIT_DENIED: u8 = 3;
     version,
     about = "Atomic spending limits over gRPC and Postgres",
     after_help = "Exit codes: 0 success, 1 error (gRPC status on stderr), 2 bad usage, 3 reservation denied.\n\n\
+                  Every call but health needs a credential: --token or ALLOWANCE_TOKEN (<caller id>:<secret>).\n\n\
                   Example:\n  allowance serve --migrate            # with DATABASE_URL set\n  \
                   allowance limits set --key acct-42 --window daily --limit 1000\n  \
                   allowance plans put --name free --limit usd:daily:rolling=1d:100\n  \
@@ -71,6 +73,12 @@ pub enum Command {
     /// Show transactions.
     #[command(subcommand)]
     Tx(TxCommand),
+    /// Manage callers: who may call, with which scopes, on which keys.
+    #[command(subcommand)]
+    Callers(admin::CallersCommand),
+    /// Read the audit trail of changes.
+    #[command(subcommand)]
+    Audit(admin::AuditCommand),
     /// Probe grpc.health.v1: exit 0 only when SERVING. For containers and scripts.
     #[command(after_help = "Example:\n  allowance health --addr http://127.0.0.1:50051 && echo ready")]
     Health(HealthArgs),

@@ -536,3 +536,110 @@ pub fn health(format: Format, status: &str) {
         Format::Table => println!("{status}"),
     }
 }
+
+fn scope_name(s: i32) -> &'static str {
+    match pb::Scope::try_from(s) {
+        Ok(pb::Scope::Spend) => "spend",
+        Ok(pb::Scope::Read) => "read",
+        Ok(pb::Scope::Admin) => "admin",
+        _ => "unspecified",
+    }
+}
+
+fn caller_json(c: &pb::Caller) -> Value {
+    json!({
+        "id": c.id,
+        "name": c.name,
+        "scopes": c.scopes.iter().map(|s| scope_name(*s)).collect::<Vec<_>>(),
+        "key_prefixes": c.key_prefixes,
+        "created_at": time(c.create_time.as_ref()),
+        "rotated_at": time(c.rotate_time.as_ref()),
+        "revoked_at": time(c.revoke_time.as_ref()),
+        "has_previous_secret": c.has_previous_secret,
+    })
+}
+
+fn caller_row(c: &pb::Caller) -> Vec<String> {
+    let state = match (&c.revoke_time, c.has_previous_secret) {
+        (Some(_), _) => "revoked",
+        (None, true) => "rotating",
+        (None, false) => "active",
+    };
+    let prefixes = if c.key_prefixes.is_empty() { "*".to_owned() } else { c.key_prefixes.join(",") };
+    vec![
+        c.id.clone(),
+        c.name.clone(),
+        c.scopes.iter().map(|s| scope_name(*s)).collect::<Vec<_>>().join(","),
+        prefixes,
+        state.to_owned(),
+        time(c.create_time.as_ref()).unwrap_or_default(),
+    ]
+}
+
+const CALLER_HEADER: [&str; 6] = ["ID", "NAME", "SCOPES", "KEY PREFIXES", "STATE", "CREATED"];
+
+/// A caller just created or rotated, with its credential: the only time the secret is ever shown.
+pub fn caller_issued(format: Format, c: Option<&pb::Caller>, credential: &str, what: &str) {
+    match format {
+        Format::Json => print_json(&json!({ "caller": c.map(caller_json), "credential": credential })),
+        Format::Table => {
+            if let Some(c) = c {
+                print_table(&CALLER_HEADER, &[caller_row(c)]);
+            }
+            println!("\ncaller {what}; its credential (shown once, store it now):\n{credential}");
+        }
+    }
+}
+
+pub fn callers(format: Format, callers: &[pb::Caller]) {
+    match format {
+        Format::Json => print_json(&Value::Array(callers.iter().map(caller_json).collect())),
+        Format::Table => print_table(&CALLER_HEADER, &callers.iter().map(caller_row).collect::<Vec<_>>()),
+    }
+}
+
+pub fn audit_events(format: Format, r: &pb::ListAuditEventsResponse) {
+    let parse =
+        |s: &str| if s.is_empty() { Value::Null } else { serde_json::from_str(s).unwrap_or(Value::Null) };
+    match format {
+        Format::Json => print_json(&json!({
+            "events": r.events.iter().map(|e| json!({
+                "id": e.id,
+                "time": time(e.time.as_ref()),
+                "caller_id": e.caller_id,
+                "caller_name": e.caller_name,
+                "request_id": e.request_id,
+                "action": e.action,
+                "key_id": e.key_id,
+                "unit": e.unit,
+                "subject": e.subject,
+                "before": parse(&e.before_json),
+                "after": parse(&e.after_json),
+            })).collect::<Vec<_>>(),
+            "next_page_token": r.next_page_token,
+        })),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = r
+                .events
+                .iter()
+                .map(|e| {
+                    let dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+                    vec![
+                        e.id.to_string(),
+                        time(e.time.as_ref()).unwrap_or_default(),
+                        e.caller_name.clone(),
+                        e.action.clone(),
+                        dash(&e.key_id),
+                        e.subject.clone(),
+                        dash(&e.before_json),
+                        dash(&e.after_json),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "TIME", "CALLER", "ACTION", "KEY", "SUBJECT", "BEFORE", "AFTER"], &rows);
+            if !r.next_page_token.is_empty() {
+                println!("next page: --page-token {}", r.next_page_token);
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{Allowance, BatchConfig};
 use crate::clock::SystemClock;
 use crate::config::{DatabaseConfig, ServeConfig};
-use crate::grpc::{Defaults, Lifecycle, Server};
+use crate::grpc::{Authentication, Defaults, Lifecycle, Server};
 use crate::storage::postgres::PgStore;
 
 pub async fn migrate(db: DatabaseConfig) -> anyhow::Result<()> {
@@ -41,13 +41,20 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     let batching = BatchConfig { workers: config.batch_workers.into(), max_batch: config.batch_max.into() };
     let server = Server {
-        app: Allowance::new(Arc::new(store.clone()), Arc::new(SystemClock)).with_batching(batching),
+        app: Allowance::new(Arc::new(store.clone()), Arc::new(SystemClock))
+            .with_callers_max_age(config.auth_max_staleness)
+            .with_batching(batching),
         defaults: Defaults { unit: config.default_unit, hold_ttl: config.default_hold_ttl },
         lifecycle: Lifecycle {
             health_interval: config.health_interval,
             drain_delay: config.shutdown_drain,
             grace: config.shutdown_grace,
             sweep_interval: config.sweep_interval,
+        },
+        auth: if config.insecure_no_auth {
+            Authentication::Off
+        } else {
+            Authentication::On { refresh: config.auth_refresh }
         },
     };
     server.run(listener, shutdown).await?;

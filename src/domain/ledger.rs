@@ -95,6 +95,8 @@ pub enum Rejection {
     NotFound(TransactionId),
     #[error("plan {0} not found")]
     PlanNotFound(super::PlanName),
+    #[error("caller {0} not found")]
+    CallerNotFound(super::CallerId),
     #[error("{0}")]
     AlreadyExists(String),
     #[error("{0}")]
@@ -114,6 +116,8 @@ pub struct Changes {
     pub expired: Vec<(TransactionId, AccountKey)>,
     /// Holds released while refreshing (one per account share).
     pub expired_holds: u64,
+    /// Audit events of the batch's changes, written in the same database transaction.
+    pub audit: Vec<super::AuditEvent>,
 }
 
 struct Tracked<T> {
@@ -133,6 +137,7 @@ pub struct Ledger {
     accounts: BTreeMap<AccountKey, Tracked<Account>>,
     transactions: HashMap<TransactionId, Tracked<Transaction>>,
     expired: Vec<(TransactionId, AccountKey)>,
+    audit: Vec<super::AuditEvent>,
 }
 
 /// What storage loaded for a batch, under the accounts' locks.
@@ -178,6 +183,7 @@ impl Ledger {
                 .map(|t| (t.id.clone(), Tracked::loaded(t)))
                 .collect(),
             expired: Vec::new(),
+            audit: Vec::new(),
         };
         for hold in loaded.expiring {
             if let Some(account) = ledger.accounts.get_mut(&hold.account) {
@@ -365,6 +371,16 @@ impl Ledger {
         self.account_mut(key).limits.remove(name).is_some()
     }
 
+    /// A transaction the batch loaded or created, as it stands now.
+    pub fn find(&self, id: &TransactionId) -> Option<&Transaction> {
+        self.transactions.get(id).map(|t| &t.value)
+    }
+
+    /// Records an audit event, to be written with the batch's changes.
+    pub fn record(&mut self, event: super::AuditEvent) {
+        self.audit.push(event);
+    }
+
     fn transaction(&self, id: &TransactionId) -> Result<&Transaction, Rejection> {
         self.transactions.get(id).map(|t| &t.value).ok_or_else(|| Rejection::NotFound(id.clone()))
     }
@@ -378,7 +394,8 @@ impl Ledger {
     /// Everything that differs from what was loaded. Totals are kept only for the periods that the accounts'
     /// limits now need.
     pub fn into_changes(self) -> Changes {
-        let mut changes = Changes { expired_holds: self.expired.len() as u64, ..Changes::default() };
+        let mut changes =
+            Changes { expired_holds: self.expired.len() as u64, audit: self.audit, ..Changes::default() };
         for mut tracked in self.accounts.into_values() {
             let keep = tracked.value.tracked_periods(&[]);
             tracked.value.totals.retain(|p, _| keep.contains(p));

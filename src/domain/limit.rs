@@ -108,6 +108,11 @@ impl LimitSpec {
     pub fn of_window(window: Window, amount: Option<i64>) -> Self {
         Self { name: LimitName::of_window(window), period: Period::Rolling(window.length()), amount }
     }
+
+    /// As the audit trail records it (`amount: null` is unlimited).
+    pub fn audit_json(&self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name.as_str(), "period": self.period.to_string(), "amount": self.amount })
+    }
 }
 
 /// Where an effective limit comes from.
@@ -189,6 +194,16 @@ impl Plan {
             specs.sort_by(|a, b| a.name.cmp(&b.name));
         }
         Ok(Self { name, limits: by_unit })
+    }
+
+    /// As the audit trail records it: the limits by unit.
+    pub fn audit_json(&self) -> serde_json::Value {
+        let limits: serde_json::Map<String, serde_json::Value> = self
+            .limits
+            .iter()
+            .map(|(unit, specs)| (unit.to_string(), specs.iter().map(LimitSpec::audit_json).collect()))
+            .collect();
+        serde_json::json!({ "name": self.name.as_str(), "limits": limits })
     }
 }
 

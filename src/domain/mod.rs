@@ -2,6 +2,7 @@
 //! machine. No I/O.
 
 mod account;
+mod auth;
 mod ledger;
 mod limit;
 mod period;
@@ -11,6 +12,10 @@ mod window;
 
 pub use account::{
     Account, AgedOut, AgingRange, Counted, LimitUsage, RetryAfter, Totals, WindowUsage, counts, retry_after,
+};
+pub use auth::{
+    Actor, AuditAction, AuditEvent, AuditFilter, AuthFailure, Caller, CallerId, CallerName, CallerRecord,
+    Credential, KeyPrefixes, MAX_KEY_PREFIXES, Scope, Secret, SecretHash, parse_scopes,
 };
 pub use ledger::{
     Changes, Committed, Exceeded, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed, windows_of,

@@ -4,9 +4,9 @@ use chrono::TimeDelta;
 
 use super::pb;
 use crate::domain::{
-    AccountKey, CalendarUnit, Exceeded, HoldTtl, InvalidArgument, KeyId, LimitName, LimitSource, LimitSpec,
-    LimitUsage, MAX_KEYS_PER_RESERVATION, Period, Plan, PlanName, RetryAfter, Timestamp, Transaction,
-    TxState, Unit, Window, WindowUsage,
+    AccountKey, AuditEvent, CalendarUnit, Caller, Exceeded, HoldTtl, InvalidArgument, KeyId, LimitName,
+    LimitSource, LimitSpec, LimitUsage, MAX_KEYS_PER_RESERVATION, Period, Plan, PlanName, RetryAfter, Scope,
+    Timestamp, Transaction, TxState, Unit, Window, WindowUsage,
 };
 use crate::storage::PlanInfo;
 
@@ -294,6 +294,69 @@ pub fn transaction(t: Transaction) -> pb::Transaction {
         metadata: t.metadata.into_entries().into_iter().collect(),
         held_amount: t.held_amount,
         committed_late: t.committed_late,
+    }
+}
+
+/// A listing's page size: 0 means `default`; the app caps it.
+pub fn page_size(value: i32, default: u32) -> Result<u32, InvalidArgument> {
+    match value {
+        0 => Ok(default),
+        n => u32::try_from(n).map_err(|_| InvalidArgument::new("page_size", "must not be negative")),
+    }
+}
+
+/// Earliest and latest instants accepted from a client where they reach SQL: Postgres stores years 4713 BC
+/// to 294276 AD, chrono more; a request outside years 1 to 9999 is bad input, not a database error.
+pub fn storable(t: Timestamp) -> bool {
+    (1..=9999).contains(&chrono::Datelike::year(&t))
+}
+
+/// A client's instant that will reach SQL, range-checked.
+pub fn stored_instant(t: &prost_types::Timestamp, field: &'static str) -> Result<Timestamp, InvalidArgument> {
+    instant(t)
+        .filter(|t| storable(*t))
+        .ok_or_else(|| InvalidArgument::new(field, "is not a valid time between years 1 and 9999"))
+}
+
+fn optional_timestamp(t: Option<Timestamp>) -> Option<prost_types::Timestamp> {
+    t.map(timestamp)
+}
+
+pub fn scope_to_pb(scope: Scope) -> pb::Scope {
+    match scope {
+        Scope::Spend => pb::Scope::Spend,
+        Scope::Read => pb::Scope::Read,
+        Scope::Admin => pb::Scope::Admin,
+    }
+}
+
+pub fn caller(c: &Caller) -> pb::Caller {
+    pb::Caller {
+        id: c.id.to_string(),
+        name: c.name.as_str().to_owned(),
+        scopes: c.scopes.iter().map(|s| scope_to_pb(*s).into()).collect(),
+        key_prefixes: c.key_prefixes.as_slice().to_vec(),
+        create_time: Some(timestamp(c.created_at)),
+        rotate_time: optional_timestamp(c.rotated_at),
+        revoke_time: optional_timestamp(c.revoked_at),
+        has_previous_secret: c.has_previous_secret,
+    }
+}
+
+pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
+    let json = |v: &Option<serde_json::Value>| v.as_ref().map(|v| v.to_string()).unwrap_or_default();
+    pb::AuditEvent {
+        id: e.id,
+        time: Some(timestamp(e.at)),
+        caller_id: e.caller_id.map(|id| id.to_string()).unwrap_or_default(),
+        caller_name: e.caller_name.clone(),
+        request_id: e.request_id.clone(),
+        action: e.action.as_str().to_owned(),
+        key_id: e.key_id.clone().unwrap_or_default(),
+        unit: e.unit.clone().unwrap_or_default(),
+        subject: e.subject.clone(),
+        before_json: json(&e.before),
+        after_json: json(&e.after),
     }
 }
 

@@ -1,5 +1,6 @@
-//! A tower layer around every gRPC call: a span `grpc.request` parented on the caller's W3C `traceparent`,
-//! and the latency histogram by method and status code.
+//! A tower layer around every gRPC call: a request id (the client's `x-request-id`, or a new one) returned in
+//! the response headers, a span `grpc.request` parented on the caller's W3C `traceparent` and carrying the
+//! request id, and the latency histogram by method and status code.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,10 +23,37 @@ const METHODS: &[&str] = &[
     "RemoveLimit",
     "GetTransaction",
     "ListTransactions",
+    "PutLimit",
+    "DeleteLimit",
+    "PutPlan",
+    "GetPlan",
+    "ListPlans",
+    "DeletePlan",
+    "AssignPlan",
+    "CreateCaller",
+    "ListCallers",
+    "RotateCaller",
+    "RevokeCaller",
+    "ListAuditEvents",
     "Check",
     "Watch",
     "ServerReflectionInfo",
 ];
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest request id kept from a client; a longer or non-printable one is replaced.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The client's request id if it is a sane one (1 to 128 printable ASCII characters), else a new UUID.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= MAX_REQUEST_ID_BYTES && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ObserveLayer;
@@ -108,21 +136,28 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let method = method_label(request.uri().path());
         let parent =
             opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
+        let id = request_id(request.headers());
+        let header = http::HeaderValue::from_str(&id).ok();
         let span = tracing::info_span!(
             "grpc.request",
             rpc.method = method,
+            request_id = %id,
             rpc.grpc.status_code = tracing::field::Empty
         );
+        request.extensions_mut().insert(super::auth::RequestId(id));
         let _ = span.set_parent(parent);
         let started = Instant::now();
         let call = self.inner.call(request);
         Box::pin(
             async move {
-                let result = call.await;
+                let mut result = call.await;
+                if let (Ok(response), Some(header)) = (&mut result, header) {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, header);
+                }
                 let code = result.as_ref().map_or("UNKNOWN", status_label);
                 tracing::Span::current().record("rpc.grpc.status_code", code);
                 histogram!("allowance_grpc_request_duration_seconds", "method" => method, "code" => code)
@@ -143,5 +178,17 @@ mod tests {
         assert_eq!(method_label("/allowance.v1.SpendingLimits/ReserveSpending"), "ReserveSpending");
         assert_eq!(method_label("/grpc.health.v1.Health/Check"), "Check");
         assert_eq!(method_label("/evil/random-123"), "other");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_made_up_otherwise() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(request_id(&headers).len(), 36);
+        headers.insert(REQUEST_ID_HEADER, http::HeaderValue::from_static("req-42"));
+        assert_eq!(request_id(&headers), "req-42");
+        headers.insert(REQUEST_ID_HEADER, http::HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&headers), "has space");
+        headers.insert(REQUEST_ID_HEADER, http::HeaderValue::from_str(&"x".repeat(129)).unwrap());
+        assert_eq!(request_id(&headers).len(), 36);
     }
 }

@@ -1,12 +1,15 @@
 //! The gRPC edge: generated types, the service, and the server with health and reflection.
 
+mod admin;
+pub mod auth;
 pub mod convert;
 mod layer;
 mod server;
 mod service;
 
-pub use layer::code_name;
-pub use server::{LIVENESS, Lifecycle, SERVICE_NAME, Server};
+pub use admin::AdminService;
+pub use layer::{REQUEST_ID_HEADER, code_name};
+pub use server::{Authentication, LIVENESS, Lifecycle, SERVICE_NAME, Server};
 pub use service::{Defaults, SpendingLimitsService};
 
 #[allow(clippy::all, missing_docs)]

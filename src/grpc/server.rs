@@ -6,7 +6,10 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use super::admin::AdminService;
+use super::auth::AuthLayer;
 use super::layer::ObserveLayer;
+use super::pb::admin_service_server::AdminServiceServer;
 use super::pb::spending_limits_server::SpendingLimitsServer;
 use super::{Defaults, SpendingLimitsService, pb};
 use crate::app::Allowance;
@@ -46,11 +49,22 @@ impl Default for Lifecycle {
     }
 }
 
-/// The gRPC server: SpendingLimits, grpc.health.v1 and reflection on one port.
+/// Whether calls must present a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authentication {
+    /// Every call is anonymous and may do anything: for development and tests only.
+    Off,
+    /// Every call but health and reflection presents a credential, checked against a copy of the callers
+    /// table re-read every `refresh`: a revocation takes effect on this replica within that time.
+    On { refresh: Duration },
+}
+
+/// The gRPC server: SpendingLimits, AdminService, grpc.health.v1 and reflection on one port.
 pub struct Server<S> {
     pub app: Allowance<S>,
     pub defaults: Defaults,
     pub lifecycle: Lifecycle,
+    pub auth: Authentication,
 }
 
 impl<S: Store> Server<S> {
@@ -68,9 +82,27 @@ impl<S: Store> Server<S> {
         let Lifecycle { health_interval, drain_delay, grace, sweep_interval } = self.lifecycle;
         // Background loops stop with this token, once the server has stopped serving.
         let stopped = CancellationToken::new();
-        let watcher =
-            tokio::spawn(watch_health(self.app.clone(), reporter.clone(), health_interval, shutdown.clone()));
+        // With authentication on, a replica is ready only once it can check credentials.
+        let credentials = (self.auth != Authentication::Off).then(|| self.app.caller_cache());
+        let watcher = tokio::spawn(watch_health(
+            self.app.clone(),
+            credentials,
+            reporter.clone(),
+            health_interval,
+            shutdown.clone(),
+        ));
         let sweeper = tokio::spawn(sweep(self.app.clone(), sweep_interval, stopped.clone()));
+        let (auth_layer, refresher) = match self.auth {
+            Authentication::Off => {
+                tracing::warn!("authentication is OFF: any client that reaches the port may do anything");
+                (AuthLayer::new(None), None)
+            }
+            Authentication::On { refresh } => {
+                let task = tokio::spawn(refresh_callers(self.app.clone(), refresh, stopped.clone()));
+                (AuthLayer::new(Some(self.app.caller_cache())), Some(task))
+            }
+        };
+        let admin = AdminService::new(self.app.clone());
         let service = SpendingLimitsService::new(self.app, self.defaults);
         let signal = {
             let shutdown = shutdown.clone();
@@ -84,10 +116,12 @@ impl<S: Store> Server<S> {
             }
         };
         let serve = tonic::transport::Server::builder()
-            .layer(ObserveLayer)
+            // Outermost first: every call gets its request id and span, then authentication.
+            .layer(tower::ServiceBuilder::new().layer(ObserveLayer).layer(auth_layer))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(SpendingLimitsServer::new(service))
+            .add_service(AdminServiceServer::new(admin))
             // TCP_NODELAY on every accepted connection: without it a response written in two pieces waits
             // for the client's delayed ACK (40 ms on Linux) — seen as 50 ms pairs once responses grew past
             // one write. `Server::tcp_nodelay` does not apply to a listener of our own.
@@ -111,6 +145,9 @@ impl<S: Store> Server<S> {
         // The loops may be waiting on an unreachable database: they must not hold shutdown past the grace.
         watcher.abort();
         sweeper.abort();
+        if let Some(refresher) = refresher {
+            refresher.abort();
+        }
         result
     }
 }
@@ -122,6 +159,7 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 
 async fn watch_health<S: Store>(
     app: Allowance<S>,
+    credentials: Option<std::sync::Arc<crate::app::CallerCache>>,
     reporter: HealthReporter,
     interval: Duration,
     shutdown: CancellationToken,
@@ -132,6 +170,14 @@ async fn watch_health<S: Store>(
         // connect timeout.
         let check = tokio::time::timeout(interval.max(READY_TIMEOUT), app.store().ready()).await;
         let status = match check {
+            Ok(Ok(())) if credentials.as_ref().is_some_and(|c| !c.is_fresh()) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(
+                        "not ready: the credentials are not loaded (or too old); reporting NOT_SERVING"
+                    );
+                }
+                ServingStatus::NotServing
+            }
             Ok(Ok(())) => ServingStatus::Serving,
             failed => {
                 if last != Some(ServingStatus::NotServing) {
@@ -181,6 +227,37 @@ async fn sweep<S: Store>(app: Allowance<S>, interval: Duration, stopped: Cancell
         if let Ok(n) = app.open_holds().await {
             gauge!("allowance_open_holds").set(n as f64);
         }
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Re-reads the callers table every `interval`, so that revocations and new callers made on other replicas
+/// take effect here. A failed read keeps the last copy, which authentication trusts only up to its maximum
+/// age.
+async fn refresh_callers<S: Store>(app: Allowance<S>, interval: Duration, stopped: CancellationToken) {
+    let mut failing = false;
+    let mut last_ok = std::time::Instant::now();
+    loop {
+        match app.refresh_callers().await {
+            Ok(n) => {
+                if failing {
+                    tracing::info!(callers = n, "credentials re-read");
+                }
+                failing = false;
+                last_ok = std::time::Instant::now();
+                gauge!("allowance_auth_callers").set(n as f64);
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "re-reading credentials failed; keeping the last copy");
+                }
+                failing = true;
+            }
+        }
+        gauge!("allowance_auth_cache_age_seconds").set(last_ok.elapsed().as_secs_f64());
         tokio::select! {
             _ = stopped.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}

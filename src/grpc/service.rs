@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::auth::{actor, check_keys, check_unconfined};
 use super::convert;
 use super::pb::{self, spending_limits_server::SpendingLimits};
 use crate::app::{Allowance, DEFAULT_PAGE_SIZE, Error};
@@ -36,9 +37,9 @@ impl From<Error> for Status {
         use crate::domain::Rejection;
         match e {
             Error::InvalidArgument(e) => Status::invalid_argument(e.to_string()),
-            Error::Rejected(r @ (Rejection::NotFound(_) | Rejection::PlanNotFound(_))) => {
-                Status::not_found(r.to_string())
-            }
+            Error::Rejected(
+                r @ (Rejection::NotFound(_) | Rejection::PlanNotFound(_) | Rejection::CallerNotFound(_)),
+            ) => Status::not_found(r.to_string()),
             Error::Rejected(Rejection::InvalidArgument(e)) => Status::invalid_argument(e.to_string()),
             Error::Rejected(r @ Rejection::AlreadyExists(_)) => Status::already_exists(r.to_string()),
             Error::Rejected(r @ Rejection::FailedPrecondition(_)) => {
@@ -80,7 +81,11 @@ fn decode_cursor(token: &str) -> Result<Option<Cursor>, InvalidArgument> {
     };
     let micros: i64 = micros.parse().map_err(|_| bad())?;
     Ok(Some(Cursor {
-        created_at: chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?,
+        // Range-checked here: a time Postgres cannot store must not reach SQL (it would fail as a database
+        // error, UNAVAILABLE, and a client following the README would retry forever).
+        created_at: chrono::DateTime::from_timestamp_micros(micros)
+            .filter(|t| convert::storable(*t))
+            .ok_or_else(bad)?,
         transaction_id: TransactionId::parse(id).map_err(|_| bad())?,
     }))
 }
@@ -92,6 +97,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::ReserveSpendingRequest>,
     ) -> Result<Response<pb::ReserveSpendingResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let reserve = Reserve {
             accounts: convert::reservation_accounts(
@@ -107,6 +113,7 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
             commit: r.commit,
             metadata: Metadata::parse(r.metadata).map_err(invalid)?,
         };
+        check_keys(&by, reserve.accounts.iter().map(|a| &a.key_id))?;
         let first = reserve.accounts[0].clone();
         let outcome = self.app.reserve(reserve).await?;
         let usage = outcome.windows(&first).iter().map(convert::usage).collect();
@@ -148,10 +155,11 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let id = TransactionId::parse(r.transaction_id).map_err(invalid)?;
         let amount = r.amount.map(|a| Amount::parse("amount", a)).transpose().map_err(invalid)?;
-        let committed = self.app.commit(id, amount).await?;
+        let committed = self.app.commit(id, amount, by).await?;
         Ok(Response::new(pb::CommitResponse {
             transaction: Some(convert::transaction(committed.transaction)),
         }))
@@ -162,8 +170,9 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::ReverseRequest>,
     ) -> Result<Response<pb::ReverseResponse>, Status> {
+        let by = actor(&request);
         let id = TransactionId::parse(request.into_inner().transaction_id).map_err(invalid)?;
-        let reversed = self.app.reverse(id).await?;
+        let reversed = self.app.reverse(id, by).await?;
         Ok(Response::new(pb::ReverseResponse {
             transaction: Some(convert::transaction(reversed.transaction)),
         }))
@@ -174,8 +183,10 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::GetLimitsRequest>,
     ) -> Result<Response<pb::GetLimitsResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
+        check_keys(&by, [&account.key_id])?;
         let usage = self.app.get_limits(account.clone()).await?;
         Ok(Response::new(pb::GetLimitsResponse {
             key_id: account.key_id.into_string(),
@@ -192,11 +203,13 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::SetLimitRequest>,
     ) -> Result<Response<pb::SetLimitResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
         let window = convert::window(r.window).map_err(invalid)?;
         let limit = Limit::parse(r.limit).map_err(invalid)?;
-        let usage = self.app.set_limit(account, window, Some(limit)).await?;
+        check_keys(&by, [&account.key_id])?;
+        let usage = self.app.set_limit(account, window, Some(limit), by).await?;
         Ok(Response::new(pb::SetLimitResponse { usage: Some(convert::usage(&usage)) }))
     }
 
@@ -205,10 +218,12 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::RemoveLimitRequest>,
     ) -> Result<Response<pb::RemoveLimitResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
         let window = convert::window(r.window).map_err(invalid)?;
-        let usage = self.app.set_limit(account, window, None).await?;
+        check_keys(&by, [&account.key_id])?;
+        let usage = self.app.set_limit(account, window, None, by).await?;
         Ok(Response::new(pb::RemoveLimitResponse { usage: Some(convert::usage(&usage)) }))
     }
 
@@ -217,8 +232,9 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
+        let by = actor(&request);
         let id = TransactionId::parse(request.into_inner().transaction_id).map_err(invalid)?;
-        let transaction = self.app.get_transaction(id).await?;
+        let transaction = self.app.get_transaction(id, &by).await?;
         Ok(Response::new(convert::transaction(transaction)))
     }
 
@@ -227,13 +243,11 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::ListTransactionsRequest>,
     ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
-        let page_size = match r.page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n < 0 => return Err(invalid(InvalidArgument::new("page_size", "must not be negative"))),
-            n => n as u32,
-        };
+        check_keys(&by, [&account.key_id])?;
+        let page_size = convert::page_size(r.page_size, DEFAULT_PAGE_SIZE).map_err(invalid)?;
         let cursor = decode_cursor(&r.page_token).map_err(invalid)?;
         let (page, next) = self.app.list_transactions(account, cursor, page_size).await?;
         Ok(Response::new(pb::ListTransactionsResponse {
@@ -247,10 +261,12 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::PutLimitRequest>,
     ) -> Result<Response<pb::PutLimitResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
         let spec = convert::limit(r.limit, "limit", self.app.now()).map_err(invalid)?;
-        let usage = self.app.put_limit(account, spec).await?;
+        check_keys(&by, [&account.key_id])?;
+        let usage = self.app.put_limit(account, spec, by).await?;
         Ok(Response::new(pb::PutLimitResponse { usage: usage.as_ref().map(convert::limit_usage) }))
     }
 
@@ -259,10 +275,12 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::DeleteLimitRequest>,
     ) -> Result<Response<pb::DeleteLimitResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let account = convert::account(r.key_id, r.unit, &self.defaults.unit).map_err(invalid)?;
         let name = LimitName::parse(r.name).map_err(invalid)?;
-        if !self.app.remove_limit(account.clone(), name.clone()).await? {
+        check_keys(&by, [&account.key_id])?;
+        if !self.app.remove_limit(account.clone(), name.clone(), by).await? {
             return Err(Status::not_found(format!("key {account} has no limit named {name} of its own")));
         }
         Ok(Response::new(pb::DeleteLimitResponse {}))
@@ -273,9 +291,11 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::PutPlanRequest>,
     ) -> Result<Response<pb::PutPlanResponse>, Status> {
+        let by = actor(&request);
+        check_unconfined(&by, "changing plans")?;
         let r = request.into_inner();
         let plan = convert::plan(r.name, r.limits, &self.defaults.unit, self.app.now()).map_err(invalid)?;
-        let plan = self.app.put_plan(plan).await?;
+        let plan = self.app.put_plan(plan, &by).await?;
         Ok(Response::new(pb::PutPlanResponse { plan: Some(convert::plan_to_pb(plan)) }))
     }
 
@@ -306,9 +326,11 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::DeletePlanRequest>,
     ) -> Result<Response<pb::DeletePlanResponse>, Status> {
+        let by = actor(&request);
+        check_unconfined(&by, "deleting plans")?;
         let name = PlanName::parse(request.into_inner().name)
             .map_err(|e| invalid(InvalidArgument::new("name", e.reason)))?;
-        self.app.delete_plan(name).await?;
+        self.app.delete_plan(name, &by).await?;
         Ok(Response::new(pb::DeletePlanResponse {}))
     }
 
@@ -317,10 +339,12 @@ impl<S: Store> SpendingLimits for SpendingLimitsService<S> {
         &self,
         request: Request<pb::AssignPlanRequest>,
     ) -> Result<Response<pb::AssignPlanResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         let key = KeyId::parse(r.key_id).map_err(invalid)?;
         let plan = if r.plan.is_empty() { None } else { Some(PlanName::parse(r.plan).map_err(invalid)?) };
-        self.app.assign_plan(key, plan).await?;
+        check_keys(&by, [&key])?;
+        self.app.assign_plan(key, plan, &by).await?;
         Ok(Response::new(pb::AssignPlanResponse {}))
     }
 }
@@ -339,5 +363,7 @@ mod tests {
         assert_eq!(decode_cursor("").unwrap(), None);
         assert_eq!(decode_cursor("garbage").unwrap_err().field, "page_token");
         assert!(decode_cursor("v1.notanumber.x").is_err());
+        assert_eq!(decode_cursor("v1.-220000000000000000.x").unwrap_err().field, "page_token");
+        assert_eq!(decode_cursor("v1.9223372036854775807.x").unwrap_err().field, "page_token");
     }
 }

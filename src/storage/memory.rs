@@ -6,8 +6,9 @@ use std::sync::Mutex;
 
 use super::{Access, BatchOutput, Cursor, PlanDeletion, PlanInfo, StorageError, Store, sorted_unique};
 use crate::domain::{
-    Account, AccountKey, AgedOut, Counted, ExpiringHold, KeyId, Ledger, Loaded, Period, Plan, PlanName,
-    Timestamp, Totals, Transaction, TransactionId, TxState, counts,
+    Account, AccountKey, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, ExpiringHold,
+    KeyId, Ledger, Loaded, Period, Plan, PlanName, Rejection, Timestamp, Totals, Transaction, TransactionId,
+    TxState, counts,
 };
 
 #[derive(Default)]
@@ -24,6 +25,8 @@ struct State {
     released: BTreeSet<(TransactionId, AccountKey)>,
     plans: BTreeMap<PlanName, Plan>,
     key_plans: BTreeMap<KeyId, PlanName>,
+    callers: Vec<CallerRecord>,
+    audit: Vec<AuditEvent>,
 }
 
 impl MemoryStore {
@@ -50,6 +53,11 @@ impl State {
 
     fn charging<'a>(&'a self, account: &'a AccountKey) -> impl Iterator<Item = &'a Transaction> + 'a {
         self.transactions.values().filter(move |t| t.accounts.contains(account))
+    }
+
+    fn audit(&mut self, mut event: AuditEvent) {
+        event.id = self.audit.len() as i64 + 1;
+        self.audit.push(event);
     }
 
     fn account(&self, key: &AccountKey) -> Account {
@@ -148,6 +156,9 @@ impl Store for MemoryStore {
                 state.transactions.insert(tx.id.clone(), tx);
             }
             state.released.extend(changes.expired);
+            for event in changes.audit {
+                state.audit(event);
+            }
         }
         Ok(BatchOutput { value, expired_holds: changes.expired_holds, now })
     }
@@ -226,8 +237,10 @@ impl Store for MemoryStore {
         Ok(counted)
     }
 
-    async fn put_plan(&self, plan: &Plan) -> Result<(), StorageError> {
-        self.lock().plans.insert(plan.name.clone(), plan.clone());
+    async fn put_plan(&self, plan: &Plan, audit: AuditEvent) -> Result<(), StorageError> {
+        let mut state = self.lock();
+        let before = state.plans.insert(plan.name.clone(), plan.clone());
+        state.audit(audit.change(before.map(|p| p.audit_json()), Some(plan.audit_json())));
         Ok(())
     }
 
@@ -251,7 +264,7 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn delete_plan(&self, name: &PlanName) -> Result<PlanDeletion, StorageError> {
+    async fn delete_plan(&self, name: &PlanName, audit: AuditEvent) -> Result<PlanDeletion, StorageError> {
         let mut state = self.lock();
         if !state.plans.contains_key(name) {
             return Ok(PlanDeletion::NotFound);
@@ -260,23 +273,80 @@ impl Store for MemoryStore {
         if keys > 0 {
             return Ok(PlanDeletion::InUse(keys));
         }
-        state.plans.remove(name);
+        let before = state.plans.remove(name);
+        state.audit(audit.change(before.map(|p| p.audit_json()), None));
         Ok(PlanDeletion::Deleted)
     }
 
-    async fn assign_plan(&self, key: &KeyId, plan: Option<&PlanName>) -> Result<bool, StorageError> {
+    async fn assign_plan(
+        &self,
+        key: &KeyId,
+        plan: Option<&PlanName>,
+        audit: AuditEvent,
+    ) -> Result<bool, StorageError> {
         let mut state = self.lock();
-        match plan {
-            None => {
-                state.key_plans.remove(key);
-                Ok(true)
-            }
-            Some(p) if state.plans.contains_key(p) => {
-                state.key_plans.insert(key.clone(), p.clone());
-                Ok(true)
-            }
-            Some(_) => Ok(false),
+        if plan.is_some_and(|p| !state.plans.contains_key(p)) {
+            return Ok(false);
         }
+        let before = match plan {
+            None => state.key_plans.remove(key),
+            Some(p) => state.key_plans.insert(key.clone(), p.clone()),
+        };
+        let json = |p: Option<&PlanName>| serde_json::json!({ "plan": p.map(PlanName::as_str) });
+        state.audit(audit.change(Some(json(before.as_ref())), Some(json(plan))));
+        Ok(true)
+    }
+
+    async fn create_caller(&self, record: &CallerRecord, audit: AuditEvent) -> Result<(), StorageError> {
+        let mut state = self.lock();
+        state.callers.push(record.clone());
+        state.audit(audit.change(None, Some(record.caller.audit_json())));
+        Ok(())
+    }
+
+    async fn update_caller<F>(
+        &self,
+        id: CallerId,
+        apply: F,
+    ) -> Result<Option<Result<CallerRecord, Rejection>>, StorageError>
+    where
+        F: FnOnce(&CallerRecord) -> Result<Option<(CallerRecord, AuditEvent)>, Rejection> + Send,
+    {
+        let mut state = self.lock();
+        let Some(i) = state.callers.iter().position(|c| c.caller.id == id) else {
+            return Ok(None);
+        };
+        let result = match apply(&state.callers[i]) {
+            Ok(Some((next, audit))) => {
+                let before = state.callers[i].caller.audit_json();
+                state.audit(audit.change(Some(before), Some(next.caller.audit_json())));
+                state.callers[i] = next.clone();
+                Ok(next)
+            }
+            Ok(None) => Ok(state.callers[i].clone()),
+            Err(rejection) => Err(rejection),
+        };
+        Ok(Some(result))
+    }
+
+    async fn callers(&self) -> Result<Vec<CallerRecord>, StorageError> {
+        Ok(self.lock().callers.clone())
+    }
+
+    async fn audit_events(&self, filter: &AuditFilter, limit: u32) -> Result<Vec<AuditEvent>, StorageError> {
+        let state = self.lock();
+        Ok(state
+            .audit
+            .iter()
+            .rev()
+            .filter(|e| filter.before_id.is_none_or(|id| e.id < id))
+            .filter(|e| filter.key_id.as_ref().is_none_or(|k| e.key_id.as_deref() == Some(k.as_str())))
+            .filter(|e| filter.caller_id.is_none_or(|c| e.caller_id == Some(c)))
+            .filter(|e| filter.since.is_none_or(|t| e.at >= t))
+            .filter(|e| filter.until.is_none_or(|t| e.at < t))
+            .take(limit as usize)
+            .cloned()
+            .collect())
     }
 
     async fn ready(&self) -> Result<(), StorageError> {

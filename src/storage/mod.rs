@@ -4,7 +4,8 @@
 use std::future::Future;
 
 use crate::domain::{
-    AccountKey, Counted, KeyId, Ledger, Period, Plan, PlanName, Timestamp, Transaction, TransactionId,
+    AccountKey, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, KeyId, Ledger, Period, Plan,
+    PlanName, Rejection, Timestamp, Transaction, TransactionId,
 };
 
 pub mod memory;
@@ -113,8 +114,13 @@ pub trait Store: Send + Sync + 'static {
         max_committed: u32,
     ) -> impl Future<Output = Result<Counted, StorageError>> + Send;
 
-    /// Creates or replaces a plan and its limits; keys on it see the new limits from their next call.
-    fn put_plan(&self, plan: &Plan) -> impl Future<Output = Result<(), StorageError>> + Send;
+    /// Creates or replaces a plan and its limits; keys on it see the new limits from their next call. Writes
+    /// `audit`, with the plan before and after, in the same transaction.
+    fn put_plan(
+        &self,
+        plan: &Plan,
+        audit: AuditEvent,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     fn get_plan(
         &self,
@@ -123,16 +129,48 @@ pub trait Store: Send + Sync + 'static {
 
     fn list_plans(&self) -> impl Future<Output = Result<Vec<PlanInfo>, StorageError>> + Send;
 
-    /// Deletes a plan that no key is on.
-    fn delete_plan(&self, name: &PlanName)
-    -> impl Future<Output = Result<PlanDeletion, StorageError>> + Send;
+    /// Deletes a plan that no key is on, writing `audit` (with the plan deleted) when it does.
+    fn delete_plan(
+        &self,
+        name: &PlanName,
+        audit: AuditEvent,
+    ) -> impl Future<Output = Result<PlanDeletion, StorageError>> + Send;
 
-    /// Puts a key on a plan (`None`: on none). Returns false when the plan does not exist.
+    /// Puts a key on a plan (`None`: on none), writing `audit` with the plans before and after. Returns false
+    /// (and writes nothing) when the plan does not exist.
     fn assign_plan(
         &self,
         key: &KeyId,
         plan: Option<&PlanName>,
+        audit: AuditEvent,
     ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+
+    /// Stores a new caller and its audit event.
+    fn create_caller(
+        &self,
+        record: &CallerRecord,
+        audit: AuditEvent,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Changes a caller under its row lock: `apply` gets it as stored and returns the new record with its
+    /// audit event, `None` for no change, or a rejection. `Ok(None)`: no caller has this id.
+    fn update_caller<F>(
+        &self,
+        id: CallerId,
+        apply: F,
+    ) -> impl Future<Output = Result<Option<Result<CallerRecord, Rejection>>, StorageError>> + Send
+    where
+        F: FnOnce(&CallerRecord) -> Result<Option<(CallerRecord, AuditEvent)>, Rejection> + Send;
+
+    /// Every caller, revoked ones included, oldest first: what authentication caches.
+    fn callers(&self) -> impl Future<Output = Result<Vec<CallerRecord>, StorageError>> + Send;
+
+    /// Audit events matching `filter`, newest first, at most `limit`.
+    fn audit_events(
+        &self,
+        filter: &AuditFilter,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<AuditEvent>, StorageError>> + Send;
 
     /// Connection pool figures, where there is a pool.
     fn pool_stats(&self) -> Option<PoolStats> {

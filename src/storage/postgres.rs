@@ -14,9 +14,12 @@ use super::{
     Access, BatchOutput, Cursor, PlanDeletion, PlanInfo, PoolStats, StorageError, Store, sorted_unique,
 };
 use crate::domain::{
-    Account, AccountKey, AgedOut, Changes, Counted, ExpiringHold, KeyId, Ledger, LimitName, LimitSpec,
-    Loaded, Metadata, Period, Plan, PlanName, Timestamp, Totals, Transaction, TransactionId, TxState, Unit,
+    Account, AccountKey, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Changes, Counted,
+    ExpiringHold, KeyId, Ledger, LimitName, LimitSpec, Loaded, Metadata, Period, Plan, PlanName, Rejection,
+    Timestamp, Totals, Transaction, TransactionId, TxState, Unit,
 };
+
+mod audit;
 
 /// Embedded migrations, the same files `sqlx migrate run` applies.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -327,7 +330,7 @@ impl Store for PgStore {
         Ok(counted)
     }
 
-    async fn put_plan(&self, plan: &Plan) -> Result<(), StorageError> {
+    async fn put_plan(&self, plan: &Plan, audit: AuditEvent) -> Result<(), StorageError> {
         let (mut units, mut names, mut periods, mut amounts) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (unit, specs) in &plan.limits {
@@ -339,14 +342,17 @@ impl Store for PgStore {
             }
         }
         let mut tx = self.pool.begin().await?;
-        let plan_id = sqlx::query_scalar!(
+        // Locks the plan's row (new or not); `xmax = 0` tells a row this statement inserted.
+        let row = sqlx::query!(
             r#"INSERT INTO plans (name) VALUES ($1)
                ON CONFLICT (name) DO UPDATE SET updated_at = now()
-               RETURNING id"#,
+               RETURNING id, (xmax = 0) AS "inserted!""#,
             plan.name.as_str()
         )
         .fetch_one(&mut *tx)
         .await?;
+        let plan_id = row.id;
+        let before = if row.inserted { None } else { plans_in(&mut *tx, Some(&plan.name)).await?.pop() };
         // Two statements: a CTE's DELETE is not visible to the INSERT of the same statement.
         sqlx::query!("DELETE FROM plan_limits WHERE plan_id = $1", plan_id).execute(&mut *tx).await?;
         sqlx::query!(
@@ -360,6 +366,8 @@ impl Store for PgStore {
         )
         .execute(&mut *tx)
         .await?;
+        let audit = audit.change(before.map(|b| b.plan.audit_json()), Some(plan.audit_json()));
+        audit::insert_audit(&mut tx, &[audit]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -373,7 +381,7 @@ impl Store for PgStore {
         self.plans(None).await
     }
 
-    async fn delete_plan(&self, name: &PlanName) -> Result<PlanDeletion, StorageError> {
+    async fn delete_plan(&self, name: &PlanName, audit: AuditEvent) -> Result<PlanDeletion, StorageError> {
         let mut tx = self.pool.begin().await?;
         let Some(plan_id) =
             sqlx::query_scalar!("SELECT id FROM plans WHERE name = $1 FOR UPDATE", name.as_str())
@@ -389,28 +397,96 @@ impl Store for PgStore {
         if keys > 0 {
             return Ok(PlanDeletion::InUse(u64::try_from(keys).unwrap_or(0)));
         }
+        let before = plans_in(&mut *tx, Some(name)).await?.pop();
         sqlx::query!("DELETE FROM plans WHERE id = $1", plan_id).execute(&mut *tx).await?;
+        audit::insert_audit(&mut tx, &[audit.change(before.map(|b| b.plan.audit_json()), None)]).await?;
         tx.commit().await?;
         Ok(PlanDeletion::Deleted)
     }
 
-    async fn assign_plan(&self, key: &KeyId, plan: Option<&PlanName>) -> Result<bool, StorageError> {
-        let Some(plan) = plan else {
-            sqlx::query!("DELETE FROM key_plans WHERE key_id = $1", key.as_str()).execute(&self.pool).await?;
-            return Ok(true);
-        };
-        // FOR KEY SHARE on the plan: a concurrent delete waits, and then sees the key on it.
-        let assigned = sqlx::query_scalar!(
-            r#"WITH p AS (SELECT id FROM plans WHERE name = $2 FOR KEY SHARE)
-               INSERT INTO key_plans (key_id, plan_id) SELECT $1, p.id FROM p
-               ON CONFLICT (key_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, updated_at = now()
-               RETURNING 1 AS "one!""#,
-            key.as_str(),
-            plan.as_str()
+    async fn assign_plan(
+        &self,
+        key: &KeyId,
+        plan: Option<&PlanName>,
+        audit: AuditEvent,
+    ) -> Result<bool, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        // The key's current plan, locked (a concurrent assignment of the same key waits, so `before` is exact).
+        let before = sqlx::query_scalar!(
+            r#"SELECT p.name FROM key_plans k JOIN plans p ON p.id = k.plan_id WHERE k.key_id = $1
+               FOR UPDATE OF k"#,
+            key.as_str()
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(assigned.is_some())
+        match plan {
+            None => {
+                sqlx::query!("DELETE FROM key_plans WHERE key_id = $1", key.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Some(plan) => {
+                // FOR KEY SHARE on the plan: a concurrent delete waits, and then sees the key on it.
+                let assigned = sqlx::query_scalar!(
+                    r#"WITH p AS (SELECT id FROM plans WHERE name = $2 FOR KEY SHARE)
+                       INSERT INTO key_plans (key_id, plan_id) SELECT $1, p.id FROM p
+                       ON CONFLICT (key_id) DO UPDATE SET plan_id = EXCLUDED.plan_id, updated_at = now()
+                       RETURNING 1 AS "one!""#,
+                    key.as_str(),
+                    plan.as_str()
+                )
+                .fetch_optional(&mut *tx)
+                .await?;
+                if assigned.is_none() {
+                    return Ok(false);
+                }
+            }
+        }
+        let json = |p: Option<&str>| serde_json::json!({ "plan": p });
+        let audit = audit.change(Some(json(before.as_deref())), Some(json(plan.map(PlanName::as_str))));
+        audit::insert_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn create_caller(&self, record: &CallerRecord, audit: AuditEvent) -> Result<(), StorageError> {
+        let mut tx = self.pool.begin().await?;
+        audit::insert_caller(&mut tx, record).await?;
+        audit::insert_audit(&mut tx, &[audit.change(None, Some(record.caller.audit_json()))]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_caller<F>(
+        &self,
+        id: CallerId,
+        apply: F,
+    ) -> Result<Option<Result<CallerRecord, Rejection>>, StorageError>
+    where
+        F: FnOnce(&CallerRecord) -> Result<Option<(CallerRecord, AuditEvent)>, Rejection> + Send,
+    {
+        let mut tx = self.pool.begin().await?;
+        let Some(current) = audit::caller_for_update(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let (next, event) = match apply(&current) {
+            Ok(Some(change)) => change,
+            Ok(None) => return Ok(Some(Ok(current))),
+            Err(rejection) => return Ok(Some(Err(rejection))),
+        };
+        audit::update_caller(&mut tx, &next, event.at).await?;
+        let event = event.change(Some(current.caller.audit_json()), Some(next.caller.audit_json()));
+        audit::insert_audit(&mut tx, &[event]).await?;
+        tx.commit().await?;
+        Ok(Some(Ok(next)))
+    }
+
+    async fn callers(&self) -> Result<Vec<CallerRecord>, StorageError> {
+        audit::all_callers(&self.pool).await
+    }
+
+    async fn audit_events(&self, filter: &AuditFilter, limit: u32) -> Result<Vec<AuditEvent>, StorageError> {
+        audit::audit_events(&self.pool, filter, limit).await
     }
 
     fn pool_stats(&self) -> Option<PoolStats> {
@@ -441,38 +517,46 @@ impl Store for PgStore {
 impl PgStore {
     /// Plans with their limits and key counts: one, or all by name.
     async fn plans(&self, name: Option<&PlanName>) -> Result<Vec<PlanInfo>, StorageError> {
-        let rows = sqlx::query!(
-            r#"SELECT p.name, l.unit AS "unit?", l.name AS "limit_name?", l.period AS "period?",
+        plans_in(&self.pool, name).await
+    }
+}
+
+/// Plans with their limits and key counts: one, or all by name.
+async fn plans_in<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    name: Option<&PlanName>,
+) -> Result<Vec<PlanInfo>, StorageError> {
+    let rows = sqlx::query!(
+        r#"SELECT p.name, l.unit AS "unit?", l.name AS "limit_name?", l.period AS "period?",
                       l.amount AS "amount?",
                       (SELECT count(*) FROM key_plans k WHERE k.plan_id = p.id) AS "keys!"
                FROM plans p LEFT JOIN plan_limits l ON l.plan_id = p.id
                WHERE $1::text IS NULL OR p.name = $1
                ORDER BY p.name, l.unit, l.name"#,
-            name.map(PlanName::as_str)
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut plans: Vec<(String, u64, PlanLimits)> = Vec::new();
-        for r in rows {
-            if plans.last().is_none_or(|p| p.0 != r.name) {
-                plans.push((r.name.clone(), u64::try_from(r.keys).unwrap_or(0), Vec::new()));
-            }
-            if let (Some(unit), Some(limit_name), Some(period), Some(amount)) =
-                (r.unit, r.limit_name, r.period, r.amount)
-            {
-                let unit = parse_stored(Unit::parse(unit))?;
-                let spec = stored_limit(StoredLimit { name: limit_name, period, amount: Some(amount) })?;
-                plans.last_mut().expect("pushed above").2.push((unit, spec));
-            }
+        name.map(PlanName::as_str)
+    )
+    .fetch_all(db)
+    .await?;
+    let mut plans: Vec<(String, u64, PlanLimits)> = Vec::new();
+    for r in rows {
+        if plans.last().is_none_or(|p| p.0 != r.name) {
+            plans.push((r.name.clone(), u64::try_from(r.keys).unwrap_or(0), Vec::new()));
         }
-        plans
-            .into_iter()
-            .map(|(name, keys, limits)| {
-                let plan = parse_stored(Plan::new(parse_stored(PlanName::parse(name))?, limits))?;
-                Ok(PlanInfo { plan, keys })
-            })
-            .collect()
+        if let (Some(unit), Some(limit_name), Some(period), Some(amount)) =
+            (r.unit, r.limit_name, r.period, r.amount)
+        {
+            let unit = parse_stored(Unit::parse(unit))?;
+            let spec = stored_limit(StoredLimit { name: limit_name, period, amount: Some(amount) })?;
+            plans.last_mut().expect("pushed above").2.push((unit, spec));
+        }
     }
+    plans
+        .into_iter()
+        .map(|(name, keys, limits)| {
+            let plan = parse_stored(Plan::new(parse_stored(PlanName::parse(name))?, limits))?;
+            Ok(PlanInfo { plan, keys })
+        })
+        .collect()
 }
 
 /// A plan's limits as read, before validation.
@@ -947,6 +1031,8 @@ async fn save(
     changes: Changes,
     now: Timestamp,
 ) -> Result<bool, Attempt> {
+    // Only batches that changed limits or reversed something have events: no extra round trip otherwise.
+    audit::insert_audit(tx, &changes.audit).await?;
     if changes.inserted.is_empty()
         && changes.updated.is_empty()
         && changes.accounts.is_empty()

@@ -8,12 +8,17 @@ use allowance::app::{Allowance, BatchConfig};
 use allowance::clock::{Clock, ManualClock};
 use allowance::domain::{HoldTtl, Unit};
 use allowance::grpc::pb::spending_limits_client::SpendingLimitsClient;
-use allowance::grpc::{Defaults, Lifecycle, Server};
+use allowance::grpc::{Authentication, Defaults, Lifecycle, Server};
 use allowance::storage::Store;
 use allowance::storage::postgres::PgStore;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+/// Who test calls act as when they call the app directly: no caller, confined to nothing.
+pub fn actor() -> allowance::domain::Actor {
+    allowance::domain::Actor::anonymous("test", "")
+}
 
 /// 2030-01-01T00:00:00Z: tests start here and move time by hand.
 pub fn epoch() -> chrono::DateTime<chrono::Utc> {
@@ -55,7 +60,26 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let app = Allowance::new(Arc::new(store), clock).with_batching(BatchConfig::default());
-        let server = Server { app, defaults: defaults(), lifecycle };
+        let server = Server { app, defaults: defaults(), lifecycle, auth: Authentication::Off };
+        let handle = tokio::spawn(server.run(listener, shutdown.clone()));
+        let client = SpendingLimitsClient::new(channel(addr).await);
+        Self { addr, client, shutdown, handle }
+    }
+
+    /// A server with authentication on, re-reading the callers table every `refresh`, on its own pool.
+    pub async fn authenticated(pool: &PgPool, clock: &ManualClock, refresh: Duration) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let store = PgStore::new(second_pool(pool, 8).await);
+        let app =
+            Allowance::new(Arc::new(store), Arc::new(clock.clone())).with_batching(BatchConfig::default());
+        let server = Server {
+            app,
+            defaults: defaults(),
+            lifecycle: lifecycle(),
+            auth: Authentication::On { refresh },
+        };
         let handle = tokio::spawn(server.run(listener, shutdown.clone()));
         let client = SpendingLimitsClient::new(channel(addr).await);
         Self { addr, client, shutdown, handle }

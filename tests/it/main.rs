@@ -1,5 +1,6 @@
 //! One test binary: end-to-end tests against the server in-process, database tests, the model test.
 
+mod auth;
 mod concurrency;
 mod db;
 mod grpc;

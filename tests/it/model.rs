@@ -17,6 +17,8 @@ use allowance::domain::{
     Window,
 };
 use allowance::storage::Store;
+
+use crate::helpers::actor;
 use allowance::storage::memory::MemoryStore;
 use allowance::storage::postgres::PgStore;
 use chrono::TimeDelta;
@@ -480,12 +482,12 @@ fn seen_error(e: Error) -> Seen {
 async fn apply_plan_op<S: Store>(app: &Allowance<S>, names: &Names, op: &Op) -> Option<Seen> {
     match op {
         Op::PutPlan(limits) => {
-            app.put_plan(names.plan_with(limits)).await.expect("a valid plan");
+            app.put_plan(names.plan_with(limits), &actor()).await.expect("a valid plan");
             Some(Seen::Done)
         }
         Op::AssignPlan { key, on } => {
             let plan = on.then(|| names.plan());
-            app.assign_plan(names.account(*key).key_id, plan).await.expect("the plan exists");
+            app.assign_plan(names.account(*key).key_id, plan, &actor()).await.expect("the plan exists");
             Some(Seen::Done)
         }
         _ => None,
@@ -494,7 +496,7 @@ async fn apply_plan_op<S: Store>(app: &Allowance<S>, names: &Names, op: &Op) -> 
 
 async fn apply<S: Store>(app: &Allowance<S>, names: &Names, op: &Op) -> Option<Seen> {
     if let Op::GetTransaction { tx } = *op {
-        let seen = app.get_transaction(names.tx(tx)).await.map(|t| Seen::Tx {
+        let seen = app.get_transaction(names.tx(tx), &actor()).await.map(|t| Seen::Tx {
             state: t.state,
             amount: t.amount,
             late: t.committed_late,
@@ -514,7 +516,7 @@ async fn check<S: Store>(store: S, ops: &[Op]) -> Result<(), String> {
     let clock = ManualClock::new(start());
     let app = Allowance::new(Arc::new(store), Arc::new(clock.clone()));
     let names = Names::new();
-    app.put_plan(names.plan_with(&[])).await.map_err(|e| e.to_string())?;
+    app.put_plan(names.plan_with(&[]), &actor()).await.map_err(|e| e.to_string())?;
     let mut model = Model { plan: Some(BTreeMap::new()), ..Model::default() };
     for (i, op) in ops.iter().enumerate() {
         if let Some(to) = op.moves_clock(clock.now()) {
@@ -571,20 +573,24 @@ fn operation(names: &Names, op: &Op) -> Option<Operation> {
         Op::Commit { tx, amount } => Operation::Commit {
             transaction_id: names.tx(tx),
             amount: amount.map(|a| Amount::parse("amount", a).unwrap()),
+            by: actor(),
         },
-        Op::Reverse { tx } => Operation::Reverse { transaction_id: names.tx(tx) },
+        Op::Reverse { tx } => Operation::Reverse { transaction_id: names.tx(tx), by: actor() },
         Op::SetLimit { key, window, limit } => Operation::SetLimit {
             account: names.account(key),
             window,
             limit: limit.map(|l| Limit::parse(l).unwrap()),
+            by: actor(),
         },
         Op::PutLimit { key, name, period, amount } => Operation::PutLimit {
             account: names.account(key),
             spec: LimitSpec::new(LimitName::parse(NAMES[name]).unwrap(), periods[period], amount).unwrap(),
+            by: actor(),
         },
         Op::RemoveLimit { key, name } => Operation::RemoveLimit {
             account: names.account(key),
             name: LimitName::parse(NAMES[name]).unwrap(),
+            by: actor(),
         },
         Op::Advance(_)
         | Op::ToBoundary { .. }
@@ -642,8 +648,8 @@ async fn check_batching<S: Store>(batched: S, single: S, ops: &[Op]) -> Result<(
     let batched = Allowance::new(Arc::new(batched), Arc::new(clock.clone()));
     let single = Allowance::new(Arc::new(single), Arc::new(clock.clone()));
     let (nb, ns) = (Names::new(), Names::new());
-    batched.put_plan(nb.plan_with(&[])).await.map_err(|e| e.to_string())?;
-    single.put_plan(ns.plan_with(&[])).await.map_err(|e| e.to_string())?;
+    batched.put_plan(nb.plan_with(&[]), &actor()).await.map_err(|e| e.to_string())?;
+    single.put_plan(ns.plan_with(&[]), &actor()).await.map_err(|e| e.to_string())?;
     let separator = |op: &Op| {
         matches!(op, Op::Advance(_) | Op::ToBoundary { .. } | Op::PutPlan(_) | Op::AssignPlan { .. })
     };
@@ -684,8 +690,13 @@ async fn check_batching<S: Store>(batched: S, single: S, ops: &[Op]) -> Result<(
         }
     }
     for tx in 0..TX_IDS {
-        let b = batched.get_transaction(nb.tx(tx)).await.map(|t| (t.state, t.amount, t.expires_at)).ok();
-        let s = single.get_transaction(ns.tx(tx)).await.map(|t| (t.state, t.amount, t.expires_at)).ok();
+        let b = batched
+            .get_transaction(nb.tx(tx), &actor())
+            .await
+            .map(|t| (t.state, t.amount, t.expires_at))
+            .ok();
+        let s =
+            single.get_transaction(ns.tx(tx), &actor()).await.map(|t| (t.state, t.amount, t.expires_at)).ok();
         if b != s {
             return Err(format!("tx {tx}: batched {b:?}, one by one {s:?}"));
         }

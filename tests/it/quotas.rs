@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use tonic::Code;
 
 use crate::helpers::call::{Client, reserve, reserve_req};
-use crate::helpers::{TestServer, epoch, second_pool};
+use crate::helpers::{TestServer, actor, epoch, second_pool};
 
 fn rolling(secs: i64) -> pb::Period {
     pb::Period { kind: Some(pb::period::Kind::Rolling(Duration { seconds: secs, nanos: 0 })) }
@@ -375,9 +375,9 @@ async fn removing_an_override_applies_the_plan_limit_within_the_same_batch() {
         vec![(usd, LimitSpec::new(daily.clone(), day, Some(100)).unwrap())],
     )
     .unwrap();
-    app.put_plan(plan).await.unwrap();
-    app.assign_plan(key.key_id.clone(), Some(PlanName::parse("free").unwrap())).await.unwrap();
-    app.put_limit(key.clone(), LimitSpec::new(daily.clone(), day, None).unwrap()).await.unwrap();
+    app.put_plan(plan, &actor()).await.unwrap();
+    app.assign_plan(key.key_id.clone(), Some(PlanName::parse("free").unwrap()), &actor()).await.unwrap();
+    app.put_limit(key.clone(), LimitSpec::new(daily.clone(), day, None).unwrap(), actor()).await.unwrap();
     let reserve = |id: &str, amount| {
         Operation::Reserve(Reserve {
             transaction_id: TransactionId::parse(id).unwrap(),
@@ -390,7 +390,10 @@ async fn removing_an_override_applies_the_plan_limit_within_the_same_batch() {
     };
     app.execute(vec![reserve("t1", 500)]).await.unwrap();
     let results = app
-        .execute(vec![Operation::RemoveLimit { account: key.clone(), name: daily }, reserve("t2", 90)])
+        .execute(vec![
+            Operation::RemoveLimit { account: key.clone(), name: daily, by: actor() },
+            reserve("t2", 90),
+        ])
         .await
         .unwrap();
     let Ok(Outcome::Reserved(ReserveOutcome::Denied { exceeded, .. })) = &results[1] else {

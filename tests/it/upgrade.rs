@@ -82,7 +82,8 @@ async fn round_1_accounts_keep_their_limits_and_totals(pool: PgPool) {
     };
     assert!(matches!(app.reserve(reserve("t4", 651)).await.unwrap(), ReserveOutcome::Denied { .. }));
     assert!(matches!(app.reserve(reserve("t5", 650)).await.unwrap(), ReserveOutcome::Allowed { .. }));
-    let committed = app.commit(TransactionId::parse("t2").unwrap(), None).await.unwrap();
+    let committed =
+        app.commit(TransactionId::parse("t2").unwrap(), None, crate::helpers::actor()).await.unwrap();
     assert_eq!(committed.transaction.accounts, std::slice::from_ref(&account));
     assert_eq!(committed.transaction.metadata.entries()["o"], "1");
     // The day ages out the round-1 spend as before.
