@@ -55,7 +55,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let app = Allowance::new(Arc::new(store), clock).with_batching(BatchConfig::default());
-        let server = Server { app, defaults: defaults(), lifecycle };
+        let server = Server { app, defaults: defaults(), lifecycle, tls: None };
         let handle = tokio::spawn(server.run(listener, shutdown.clone()));
         let client = SpendingLimitsClient::new(channel(addr).await);
         Self { addr, client, shutdown, handle }

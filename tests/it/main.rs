@@ -7,5 +7,6 @@ mod helpers;
 mod lifecycle;
 mod model;
 mod quotas;
+mod tls;
 mod tracing;
 mod upgrade;
