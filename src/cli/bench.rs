@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::parse_duration;
 use crate::grpc::code_name;
@@ -35,6 +35,8 @@ pub struct BenchArgs {
     /// Server address.
     #[arg(long, env = "ALLOWANCE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    #[command(flatten)]
+    pub tls: super::tls::ClientTlsArgs,
     /// Operations in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -110,7 +112,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.amount > 0 && args.amount < args.limit,
         "--amount must be positive and below --limit"
     );
-    let endpoint = Endpoint::from_shared(super::client::endpoint_uri(&args.addr))?
+    let endpoint = super::tls::endpoint(&args.addr, &args.tls)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(5));
     let mut channels = Vec::new();
     for _ in 0..args.connections {
