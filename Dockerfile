@@ -95,7 +95,8 @@ USER 10001:10001
 
 # `allowance health` is a grpc.health.v1 probe that exits 0 only while the server reports SERVING, i.e. the
 # database is reachable and migrated. It dials http://127.0.0.1:50051 unless ALLOWANCE_ADDR (or --addr) says
-# otherwise: set ALLOWANCE_ADDR too if you change the port in ALLOWANCE_LISTEN.
+# otherwise: set ALLOWANCE_ADDR too if you change the port in ALLOWANCE_LISTEN. With TLS on (ALLOWANCE_TLS_CERT),
+# set ALLOWANCE_ADDR=https://127.0.0.1:50051 and ALLOWANCE_TLS_CA (see docs/operations.md, "TLS and mTLS").
 # Kubernetes ignores HEALTHCHECK and uses the probes in deploy/kubernetes/deployment.yaml instead.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["allowance", "health"]

@@ -25,6 +25,8 @@ pub struct ServeConfig {
     /// Address the gRPC server listens on.
     #[arg(long, env = "ALLOWANCE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
     /// Hold TTL when a reservation does not set one (1s to 30d), e.g. 15m, 90s, 1h.
     #[arg(long, env = "ALLOWANCE_DEFAULT_HOLD_TTL", default_value = "15m", value_parser = parse_hold_ttl)]
     pub default_hold_ttl: HoldTtl,
@@ -82,6 +84,7 @@ impl ServeConfig {
         if self.listen == self.metrics_listen {
             return Err(format!("ALLOWANCE_LISTEN and ALLOWANCE_METRICS_LISTEN are both {}", self.listen));
         }
+        self.tls.validate()?;
         if self.health_interval.is_zero() || self.sweep_interval.is_zero() || self.auth_refresh.is_zero() {
             return Err(
                 "ALLOWANCE_HEALTH_INTERVAL, ALLOWANCE_SWEEP_INTERVAL and ALLOWANCE_AUTH_REFRESH must be positive".into()

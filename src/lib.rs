@@ -11,3 +11,4 @@ pub mod domain;
 pub mod grpc;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;

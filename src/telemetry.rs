@@ -118,6 +118,7 @@ fn register_at_zero() {
 /// Descriptions of every metric the service records.
 pub fn describe() {
     crate::app::describe_metrics();
+    crate::tls::describe_metrics();
     describe_histogram!(
         "allowance_grpc_request_duration_seconds",
         metrics::Unit::Seconds,

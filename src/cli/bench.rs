@@ -8,7 +8,6 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Endpoint;
 
 use super::client::{AuthorizedChannel, Bearer};
 
@@ -38,6 +37,8 @@ pub struct BenchArgs {
     /// Server address.
     #[arg(long, env = "ALLOWANCE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    #[command(flatten)]
+    pub tls: super::tls::ClientTlsArgs,
     /// Operations in flight at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -116,7 +117,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.amount > 0 && args.amount < args.limit,
         "--amount must be positive and below --limit"
     );
-    let endpoint = Endpoint::from_shared(super::client::endpoint_uri(&args.addr))?
+    let endpoint = super::tls::endpoint(&args.addr, &args.tls)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(5));
     let bearer = Bearer::new(args.token.as_deref()).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let mut channels = Vec::new();

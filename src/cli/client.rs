@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
 use clap::{ArgGroup, Args, Subcommand};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::output::{self, Format};
 use super::{Command, EXIT_DENIED, EXIT_ERROR};
@@ -15,9 +15,11 @@ use crate::grpc::pb::{self, spending_limits_client::SpendingLimitsClient};
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientOptions {
-    /// Server address: http://host:port, or host:port.
+    /// Server address: http://host:port, or host:port; https://host:port for TLS.
     #[arg(long, env = "ALLOWANCE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    #[command(flatten)]
+    pub tls: super::tls::ClientTlsArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -483,14 +485,28 @@ pub fn endpoint_uri(addr: &str) -> String {
 }
 
 async fn connect(options: &ClientOptions) -> Result<Channel, tonic::Status> {
-    let endpoint = Endpoint::from_shared(endpoint_uri(&options.addr))
-        .map_err(|e| tonic::Status::invalid_argument(format!("--addr {}: {e}", options.addr)))?
+    let endpoint = super::tls::endpoint(&options.addr, &options.tls)
+        .map_err(tonic::Status::invalid_argument)?
         .connect_timeout(options.timeout.min(Duration::from_secs(5)))
         .timeout(options.timeout);
     endpoint
         .connect()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot reach {}: {e}", options.addr)))
+        .map_err(|e| tonic::Status::unavailable(format!("cannot reach {}: {}", options.addr, causes(&e))))
+}
+
+/// An error and its sources, e.g. "transport error: invalid peer certificate: UnknownIssuer".
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text = format!("{text}: {s_text}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// A channel that sends `--token` (or `ALLOWANCE_TOKEN`) with every call.
@@ -523,7 +539,11 @@ pub async fn run(command: Command) -> ExitCode {
     match call(command).await {
         Ok(code) => code,
         Err(status) => {
-            eprintln!("error: {}: {}", crate::grpc::code_name(status.code()), status.message());
+            // A call that failed below gRPC (e.g. a TLS handshake the server refused) says why only in its
+            // sources.
+            let why =
+                std::error::Error::source(&status).map(|e| format!(" ({})", causes(e))).unwrap_or_default();
+            eprintln!("error: {}: {}{why}", crate::grpc::code_name(status.code()), status.message());
             ExitCode::from(EXIT_ERROR)
         }
     }

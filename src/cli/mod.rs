@@ -14,6 +14,7 @@ mod bench;
 mod client;
 mod output;
 mod serve;
+mod tls;
 
 pub use client::{ClientOptions, HealthArgs, LimitsCommand, PlansCommand, ReserveArgs, TxCommand};
 

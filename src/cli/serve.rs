@@ -20,6 +20,7 @@ pub async fn migrate(db: DatabaseConfig) -> anyhow::Result<()> {
 
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg).context("invalid configuration")?;
+    let tls = crate::tls::ServerTls::from_args(&config.tls).context("TLS")?;
     let options = PgStore::serving_options(&config.database.database_url)
         .context("DATABASE_URL is not a valid Postgres URL")?;
     // Lazy: the server starts (NOT_SERVING) while the database is down, and becomes ready when it is up.
@@ -56,6 +57,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         } else {
             Authentication::On { refresh: config.auth_refresh }
         },
+        tls,
     };
     server.run(listener, shutdown).await?;
     store.pool().close().await;

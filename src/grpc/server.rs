@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use metrics::gauge;
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -65,6 +66,8 @@ pub struct Server<S> {
     pub defaults: Defaults,
     pub lifecycle: Lifecycle,
     pub auth: Authentication,
+    /// TLS (and mTLS) on the gRPC port; `None` serves plaintext HTTP/2.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl<S: Store> Server<S> {
@@ -115,20 +118,23 @@ impl<S: Store> Server<S> {
                 tracing::info!(?grace, "closing the listener; waiting for in-flight calls");
             }
         };
-        let serve = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             // Outermost first: every call gets its request id and span, then authentication.
             .layer(tower::ServiceBuilder::new().layer(ObserveLayer).layer(auth_layer))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(SpendingLimitsServer::new(service))
-            .add_service(AdminServiceServer::new(admin))
-            // TCP_NODELAY on every accepted connection: without it a response written in two pieces waits
-            // for the client's delayed ACK (40 ms on Linux) — seen as 50 ms pairs once responses grew past
-            // one write. `Server::tcp_nodelay` does not apply to a listener of our own.
-            .serve_with_incoming_shutdown(
+            .add_service(AdminServiceServer::new(admin));
+        // TCP_NODELAY on every accepted connection (the TLS listener sets it too): without it a response
+        // written in two pieces waits for the client's delayed ACK (40 ms on Linux) — seen as 50 ms pairs
+        // once responses grew past one write. `Server::tcp_nodelay` does not apply to a listener of our own.
+        let serve = match self.tls {
+            None => Either::Left(router.serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 signal,
-            );
+            )),
+            Some(tls) => Either::Right(router.serve_with_incoming_shutdown(tls.incoming(listener), signal)),
+        };
         let deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain_delay + grace).await;

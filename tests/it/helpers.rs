@@ -60,7 +60,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let app = Allowance::new(Arc::new(store), clock).with_batching(BatchConfig::default());
-        let server = Server { app, defaults: defaults(), lifecycle, auth: Authentication::Off };
+        let server = Server { app, defaults: defaults(), lifecycle, auth: Authentication::Off, tls: None };
         let handle = tokio::spawn(server.run(listener, shutdown.clone()));
         let client = SpendingLimitsClient::new(channel(addr).await);
         Self { addr, client, shutdown, handle }
@@ -79,6 +79,7 @@ impl TestServer {
             defaults: defaults(),
             lifecycle: lifecycle(),
             auth: Authentication::On { refresh },
+            tls: None,
         };
         let handle = tokio::spawn(server.run(listener, shutdown.clone()));
         let client = SpendingLimitsClient::new(channel(addr).await);

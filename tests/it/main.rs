@@ -8,5 +8,6 @@ mod helpers;
 mod lifecycle;
 mod model;
 mod quotas;
+mod tls;
 mod tracing;
 mod upgrade;
