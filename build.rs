@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/allowance/v1/allowance.proto", "proto/allowance/v1/admin.proto"];
+    let protos = [
+        "proto/allowance/v1/allowance.proto",
+        "proto/allowance/v1/admin.proto",
+        "proto/allowance/v1/ratelimit.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

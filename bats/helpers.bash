@@ -174,7 +174,7 @@ start_instance() {
 # A new credential with every scope on the database at URL (migrated), made as operators make the first one.
 # db_token URL
 db_token() {
-  allowance callers create --name "test-$KEY" --scopes spend,read,admin --database-url "$1" --json | jq -er .credential
+  allowance callers create --name "test-$KEY" --scopes spend,read,admin,ratelimit --database-url "$1" --json | jq -er .credential
 }
 
 # True while a process runs (an exited child not yet reaped is a zombie: not running).

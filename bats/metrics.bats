@@ -32,7 +32,7 @@ METRICS=(
 )
 
 # Label names a series may carry: all of bounded cardinality.
-ALLOWED_LABELS=" method code outcome window late from unit kind state version le quantile reason "
+ALLOWED_LABELS=" method code outcome window late from unit kind state version le quantile reason rule limit result "
 
 # Checks that the Prometheus text in $1 lists metric $2: a TYPE line and at least one sample.
 lists_metric() {

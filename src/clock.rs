@@ -9,6 +9,12 @@ use crate::domain::Timestamp;
 pub trait Clock: Send + Sync + 'static {
     /// The current instant, truncated to the microsecond.
     fn now(&self) -> Timestamp;
+
+    /// This is the real time: decisions may use the database's clock instead (one clock for every replica).
+    /// False for clocks that tests drive.
+    fn is_wall_clock(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -17,6 +23,10 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
         truncate(Utc::now())
+    }
+
+    fn is_wall_clock(&self) -> bool {
+        true
     }
 }
 

@@ -66,6 +66,13 @@ pub struct ServeConfig {
     /// replica) takes to apply here.
     #[arg(long, env = "ALLOWANCE_AUTH_REFRESH", default_value = "2s", value_parser = parse_duration)]
     pub auth_refresh: Duration,
+    /// How often the rules of Envoy's rate-limit protocol are re-read: the longest a rule change made on
+    /// another replica takes to apply here.
+    #[arg(long, env = "ALLOWANCE_RULES_REFRESH", default_value = "2s", value_parser = parse_duration)]
+    pub rules_refresh: Duration,
+    /// Rate-limit batches that may run at once (each on its own connection, committing asynchronously).
+    #[arg(long, env = "ALLOWANCE_RATE_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub rate_workers: u16,
     /// After this long without a successful re-read (the database unreachable), calls are refused with
     /// UNAVAILABLE rather than checked against a copy that may miss revocations.
     #[arg(long, env = "ALLOWANCE_AUTH_MAX_STALENESS", default_value = "30s", value_parser = parse_duration)]
@@ -85,9 +92,13 @@ impl ServeConfig {
             return Err(format!("ALLOWANCE_LISTEN and ALLOWANCE_METRICS_LISTEN are both {}", self.listen));
         }
         self.tls.validate()?;
-        if self.health_interval.is_zero() || self.sweep_interval.is_zero() || self.auth_refresh.is_zero() {
+        if self.health_interval.is_zero()
+            || self.sweep_interval.is_zero()
+            || self.auth_refresh.is_zero()
+            || self.rules_refresh.is_zero()
+        {
             return Err(
-                "ALLOWANCE_HEALTH_INTERVAL, ALLOWANCE_SWEEP_INTERVAL and ALLOWANCE_AUTH_REFRESH must be positive".into()
+                "ALLOWANCE_HEALTH_INTERVAL, ALLOWANCE_SWEEP_INTERVAL, ALLOWANCE_AUTH_REFRESH and ALLOWANCE_RULES_REFRESH must be positive".into()
             );
         }
         if self.auth_max_staleness <= self.auth_refresh {

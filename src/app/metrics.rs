@@ -36,6 +36,14 @@ pub fn describe() {
     );
     describe_counter!("allowance_amount_committed_total", "Amount committed, per unit.");
     describe_histogram!("allowance_batch_size", "Operations per database transaction.");
+    describe_counter!(
+        "allowance_rate_checks_total",
+        "Rate-limit decisions per rule (check_rate for CheckRate) and limit name: allowed, denied or shadow_denied."
+    );
+    describe_histogram!(
+        "allowance_rate_batch_size",
+        "Rate checks per database transaction (hits coalesced per key)."
+    );
 }
 
 /// A unit as a label: the first units seen get their own, the rest share `_other`.

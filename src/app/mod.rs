@@ -17,6 +17,9 @@ use crate::storage::{Access, Cursor, PlanDeletion, PlanInfo, StorageError, Store
 mod batcher;
 mod callers;
 mod metrics;
+mod rates;
+
+pub use rates::{RateBatchConfig, RuleCache, count_decision};
 
 pub use callers::{CallerCache, DEFAULT_AUDIT_PAGE, IssuedCredential, MAX_AUDIT_PAGE};
 
@@ -92,6 +95,9 @@ pub struct Allowance<S> {
     /// Group commit in front of [`Allowance::execute`]; `None` runs every call as its own batch.
     batcher: Option<Batcher>,
     callers: Arc<CallerCache>,
+    /// Group commit of rate checks; `None` runs every check as its own batch.
+    rate_batcher: Option<rates::RateBatcher>,
+    rules: Arc<RuleCache>,
 }
 
 impl<S> Clone for Allowance<S> {
@@ -101,6 +107,8 @@ impl<S> Clone for Allowance<S> {
             clock: self.clock.clone(),
             batcher: self.batcher.clone(),
             callers: self.callers.clone(),
+            rate_batcher: self.rate_batcher.clone(),
+            rules: self.rules.clone(),
         }
     }
 }
@@ -111,7 +119,14 @@ pub const DEFAULT_CALLERS_MAX_AGE: std::time::Duration = std::time::Duration::fr
 impl<S: Store> Allowance<S> {
     /// Every call is its own batch (one database transaction).
     pub fn new(store: Arc<S>, clock: Arc<dyn Clock>) -> Self {
-        Self { store, clock, batcher: None, callers: Arc::new(CallerCache::new(DEFAULT_CALLERS_MAX_AGE)) }
+        Self {
+            store,
+            clock,
+            batcher: None,
+            callers: Arc::new(CallerCache::new(DEFAULT_CALLERS_MAX_AGE)),
+            rate_batcher: None,
+            rules: Arc::default(),
+        }
     }
 
     /// Authentication refuses once its copy of the callers is older than `max_age` (no refresh succeeded).
@@ -125,6 +140,13 @@ impl<S: Store> Allowance<S> {
     pub fn with_batching(mut self, config: BatchConfig) -> Self {
         let unbatched = Self { batcher: None, ..self.clone() };
         self.batcher = Some(Batcher::start(unbatched, config));
+        self.with_rate_batching(RateBatchConfig::default())
+    }
+
+    /// Coalesces concurrent rate checks into shared batches (see `rates.rs`). Inside a Tokio runtime.
+    pub fn with_rate_batching(mut self, config: RateBatchConfig) -> Self {
+        let unbatched = Self { rate_batcher: None, ..self.clone() };
+        self.rate_batcher = Some(rates::RateBatcher::start(unbatched, config));
         self
     }
 
@@ -159,7 +181,10 @@ impl<S: Store> Allowance<S> {
                 }
                 Operation::PutLimit { account, spec, .. } => {
                     accounts.push(account.clone());
-                    also.push((account.clone(), spec.period));
+                    // A rate limit keeps no spending totals.
+                    if !spec.is_rate() {
+                        also.push((account.clone(), spec.period));
+                    }
                 }
                 Operation::RemoveLimit { account, .. } => accounts.push(account.clone()),
                 Operation::Commit { transaction_id, .. } | Operation::Reverse { transaction_id, .. } => {

@@ -20,6 +20,7 @@ pub enum ScopeArg {
     Spend,
     Read,
     Admin,
+    Ratelimit,
 }
 
 impl ScopeArg {
@@ -28,6 +29,7 @@ impl ScopeArg {
             ScopeArg::Spend => Scope::Spend,
             ScopeArg::Read => Scope::Read,
             ScopeArg::Admin => Scope::Admin,
+            ScopeArg::Ratelimit => Scope::RateLimit,
         }
     }
 }

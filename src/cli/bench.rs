@@ -13,7 +13,9 @@ use super::client::{AuthorizedChannel, Bearer};
 
 use crate::config::parse_duration;
 use crate::grpc::code_name;
-use crate::grpc::pb::{self, spending_limits_client::SpendingLimitsClient};
+use crate::grpc::pb::{
+    self, rate_limit_service_client::RateLimitServiceClient, spending_limits_client::SpendingLimitsClient,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -27,6 +29,9 @@ pub enum Mode {
     GetLimits,
     /// grpc.health.v1 Check: the ceiling of the server and client, with no database work.
     Health,
+    /// RateLimitService.CheckRate of cost 1 against a rate limit `bench-rate` of each key (set up with
+    /// --limit per second, burst --limit: nothing is denied unless asked).
+    CheckRate,
 }
 
 #[derive(Debug, Args)]
@@ -128,7 +133,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let run_id = format!("{:x}", chrono::Utc::now().timestamp_micros());
     let prefix = args.key_prefix.clone().unwrap_or_else(|| format!("bench-{run_id}-"));
     if !args.no_setup {
-        set_limits(&channels, &prefix, args.keys, args.limit).await?;
+        set_limits(&channels, &prefix, args.keys, args.limit, args.mode).await?;
     }
     if args.setup_only {
         return Ok(());
@@ -142,6 +147,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let channel = channels[w % channels.len()].clone();
         let worker = Worker {
             client: SpendingLimitsClient::new(channel.clone()),
+            rate: RateLimitServiceClient::new(channel.clone()),
             health: tonic_health::pb::health_client::HealthClient::new(channel),
             prefix: prefix.clone(),
             tx_prefix: format!("{run_id}-{w}-"),
@@ -171,6 +177,7 @@ async fn set_limits(
     prefix: &str,
     keys: u64,
     limit: i64,
+    mode: Mode,
 ) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let per_task = keys.div_ceil(32);
@@ -179,9 +186,26 @@ async fn set_limits(
         let prefix = prefix.to_owned();
         tasks.spawn(async move {
             for k in (t * per_task)..((t + 1) * per_task).min(keys) {
+                let key_id = format!("{prefix}{k}");
+                if mode == Mode::CheckRate {
+                    let rate = limit.min(crate::domain::MAX_RATE);
+                    let period = pb::Period {
+                        kind: Some(pb::period::Kind::Rolling(prost_types::Duration { seconds: 1, nanos: 0 })),
+                    };
+                    let limit = pb::Limit {
+                        name: "bench-rate".into(),
+                        period: Some(period),
+                        amount: Some(rate),
+                        burst: Some(rate),
+                    };
+                    client
+                        .put_limit(pb::PutLimitRequest { key_id, unit: String::new(), limit: Some(limit) })
+                        .await?;
+                    continue;
+                }
                 client
                     .set_limit(pb::SetLimitRequest {
-                        key_id: format!("{prefix}{k}"),
+                        key_id,
                         unit: String::new(),
                         window: pb::Window::Daily.into(),
                         limit,
@@ -199,6 +223,7 @@ async fn set_limits(
 
 struct Worker {
     client: SpendingLimitsClient<AuthorizedChannel>,
+    rate: RateLimitServiceClient<AuthorizedChannel>,
     health: tonic_health::pb::health_client::HealthClient<AuthorizedChannel>,
     prefix: String,
     tx_prefix: String,
@@ -246,6 +271,11 @@ impl Worker {
             self.client.get_limits(pb::GetLimitsRequest { key_id, unit: String::new() }).await?;
             return Ok(false);
         }
+        if self.mode == Mode::CheckRate {
+            let cost = if self.rng.chance(self.deny_ratio) { Some(self.deny_amount) } else { None };
+            let r = self.rate.check_rate(pb::CheckRateRequest { key_id, cost, ..Default::default() }).await?;
+            return Ok(!r.into_inner().allowed);
+        }
         let deny = self.rng.chance(self.deny_ratio);
         let transaction_id = format!("{}{n}", self.tx_prefix);
         let reserved = self
@@ -268,7 +298,7 @@ impl Worker {
             Mode::ReserveReverse => {
                 self.client.reverse(pb::ReverseRequest { transaction_id }).await?;
             }
-            Mode::ReserveOnly | Mode::GetLimits | Mode::Health => {}
+            Mode::ReserveOnly | Mode::GetLimits | Mode::Health | Mode::CheckRate => {}
         }
         Ok(false)
     }

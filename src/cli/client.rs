@@ -94,7 +94,8 @@ Examples:
   allowance limits set --key acct-42 --unit usd --name burst --rolling 1h --limit 200
   allowance limits set --key acct-42 --unit requests --name monthly --calendar month --tz Europe/Paris --limit 10000
   allowance limits set --key acct-42 --name billing --calendar month --anchor 2026-01-15 --tz America/New_York --limit 500
-  allowance limits set --key acct-42 --unit usd --name daily --rolling 1d --unlimited   # lifts the plan's daily";
+  allowance limits set --key acct-42 --unit usd --name daily --rolling 1d --unlimited   # lifts the plan's daily
+  allowance limits set --key acct-42 --unit requests --name api --rolling 1m --limit 300 --burst 50   # a rate limit";
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("which").required(true).args(["window", "name"])))]
@@ -132,6 +133,10 @@ pub struct SetArgs {
     /// No limit: lifts the key's plan's limit of the same name (with --name only).
     #[arg(long)]
     pub unlimited: bool,
+    /// Makes it a request rate limit: --limit per period, at most this many at once (checked by
+    /// `allowance ratelimit check` and Envoy's protocol, never by spending). With --name only.
+    #[arg(long, requires = "name", conflicts_with_all = ["window", "unlimited"])]
+    pub burst: Option<i64>,
     #[command(flatten)]
     pub client: ClientOptions,
 }
@@ -194,11 +199,12 @@ pub enum PlansCommand {
 }
 
 const PLAN_LIMIT_HELP: &str = "\
---limit [UNIT:]NAME:PERIOD:AMOUNT
+--limit [UNIT:]NAME:PERIOD:AMOUNT[:burst=N]
   UNIT     omitted: the server's default unit
   PERIOD   rolling=DURATION                     e.g. rolling=1d, rolling=90m
            calendar=[COUNT]UNIT[@ANCHOR][/ZONE] e.g. calendar=month, calendar=3months/Europe/Paris,
                                                      calendar=1month@2026-01-31T00:00:00Z/Europe/Paris
+  burst=N  makes it a request rate limit: AMOUNT per PERIOD, at most N at once
   ANCHOR   RFC 3339, or a local date[-time] in ZONE (2026-01-31, 2026-01-31T09:00); default: local
            midnight on 2000-01-01 (weeks: Monday 2000-01-03). ZONE: an IANA time zone, default UTC.
 
@@ -206,7 +212,8 @@ Example:
   allowance plans put --name free \\
     --limit usd:daily:rolling=1d:100 \\
     --limit usd:burst:rolling=1h:20 \\
-    --limit requests:monthly:calendar=month/Europe/Paris:1000";
+    --limit requests:monthly:calendar=month/Europe/Paris:1000 \\
+    --limit requests:api:rolling=1m:20:burst=5";
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["plan", "none"])))]
@@ -247,6 +254,8 @@ pub struct PlanLimitArg {
     pub name: String,
     pub period: PeriodArg,
     pub amount: i64,
+    /// Set for a rate limit.
+    pub burst: Option<i64>,
 }
 
 #[derive(Debug, Args)]
@@ -391,9 +400,18 @@ fn parse_calendar_spec(s: &str) -> Result<PeriodArg, String> {
 /// The period is found by its `rolling=` / `calendar=` prefix, so an anchor's colons need no quoting and a
 /// unit may itself hold colons.
 fn parse_plan_limit(s: &str) -> Result<PlanLimitArg, String> {
-    const SYNTAX: &str = "expected [UNIT:]NAME:PERIOD:AMOUNT, PERIOD being rolling=DURATION or \
+    const SYNTAX: &str = "expected [UNIT:]NAME:PERIOD:AMOUNT[:burst=N], PERIOD being rolling=DURATION or \
                           calendar=[COUNT]UNIT[@ANCHOR][/ZONE], e.g. usd:daily:rolling=1d:100";
-    let parts: Vec<&str> = s.split(':').collect();
+    let mut parts: Vec<&str> = s.split(':').collect();
+    let burst = match parts.last().and_then(|p| p.strip_prefix("burst=")) {
+        Some(b) => {
+            let burst =
+                b.parse::<i64>().map_err(|_| format!("burst={b} is not a whole number ({SYNTAX})"))?;
+            parts.pop();
+            Some(burst)
+        }
+        None => None,
+    };
     let at = parts
         .iter()
         .position(|p| p.starts_with("rolling=") || p.starts_with("calendar="))
@@ -406,12 +424,19 @@ fn parse_plan_limit(s: &str) -> Result<PlanLimitArg, String> {
     let amount = amount_text
         .parse::<i64>()
         .map_err(|_| format!("amount {amount_text:?} is not a whole number ({SYNTAX})"))?;
-    let period = if let Some(d) = period.strip_prefix("rolling=") {
-        PeriodArg::Rolling(parse_duration(d).map_err(|e| format!("rolling={d}: {e}"))?)
+    let period = parse_period(&period)?;
+    Ok(PlanLimitArg { unit, name, period, amount, burst })
+}
+
+/// `rolling=DURATION` or `calendar=[COUNT]UNIT[@ANCHOR][/ZONE]`.
+pub(super) fn parse_period(period: &str) -> Result<PeriodArg, String> {
+    if let Some(d) = period.strip_prefix("rolling=") {
+        Ok(PeriodArg::Rolling(parse_duration(d).map_err(|e| format!("rolling={d}: {e}"))?))
+    } else if let Some(c) = period.strip_prefix("calendar=") {
+        parse_calendar_spec(c)
     } else {
-        parse_calendar_spec(period.strip_prefix("calendar=").unwrap_or(&period))?
-    };
-    Ok(PlanLimitArg { unit, name, period, amount })
+        Err(format!("expected rolling=DURATION or calendar=[COUNT]UNIT[@ANCHOR][/ZONE], got {period:?}"))
+    }
 }
 
 /// The default anchor: local midnight on 2000-01-01 in the zone (Monday 2000-01-03 for weeks), so that
@@ -432,7 +457,7 @@ fn localize(local: NaiveDateTime, zone: &str) -> Result<DateTime<Utc>, String> {
 }
 
 impl PeriodArg {
-    fn to_pb(&self, what: &str) -> Result<pb::Period, tonic::Status> {
+    pub(super) fn to_pb(&self, what: &str) -> Result<pb::Period, tonic::Status> {
         let kind = match self {
             PeriodArg::Rolling(d) => pb::period::Kind::Rolling(
                 prost_types::Duration::try_from(*d)
@@ -561,6 +586,7 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
         }
         Command::Limits(LimitsCommand::Set(args)) => {
             let period = args.period();
+            let burst = args.burst;
             let SetArgs { account, window, name, limit, client, .. } = args;
             let mut spending = spending(&client).await?;
             match (window, name, period) {
@@ -583,6 +609,7 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
                         name,
                         period: Some(period.to_pb("--rolling/--calendar")?),
                         amount: limit,
+                        burst,
                     };
                     let r = spending
                         .put_limit(pb::PutLimitRequest {
@@ -634,6 +661,7 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
                         name: l.name.clone(),
                         period: Some(l.period.to_pb(&format!("--limit #{}", i + 1))?),
                         amount: l.amount,
+                        burst: l.burst,
                     })
                 })
                 .collect::<Result<Vec<_>, tonic::Status>>()?;
@@ -740,6 +768,8 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
             }
         }
         Command::Callers(command) => return super::admin::callers(command).await,
+        Command::Rules(command) => return super::ratelimit::rules(command).await,
+        Command::Ratelimit(command) => return super::ratelimit::check(command).await,
         Command::Audit(command) => return super::admin::audit(command).await,
         Command::Serve(_) | Command::Migrate(_) | Command::Bench(_) => unreachable!("not a client command"),
     }

@@ -13,6 +13,7 @@ mod admin;
 mod bench;
 mod client;
 mod output;
+mod ratelimit;
 mod serve;
 mod tls;
 
@@ -80,6 +81,12 @@ pub enum Command {
     /// Read the audit trail of changes.
     #[command(subcommand)]
     Audit(admin::AuditCommand),
+    /// Manage the rules of Envoy's rate-limit protocol (descriptors to keys and rate limits).
+    #[command(subcommand)]
+    Rules(ratelimit::RulesCommand),
+    /// Check request rate limits (RateLimitService.CheckRate).
+    #[command(subcommand)]
+    Ratelimit(ratelimit::RatelimitCommand),
     /// Probe grpc.health.v1: exit 0 only when SERVING. For containers and scripts.
     #[command(after_help = "Example:\n  allowance health --addr http://127.0.0.1:50051 && echo ready")]
     Health(HealthArgs),

@@ -140,7 +140,26 @@ fn limit_usage_json(u: &pb::LimitUsage) -> Value {
 
 /// A key's own limit as set; `limit` is null for an explicit "unlimited".
 fn key_limit_json(l: &pb::Limit) -> Value {
-    json!({ "name": l.name, "period": period_json(l.period.as_ref()), "limit": l.amount })
+    let mut v = json!({ "name": l.name, "period": period_json(l.period.as_ref()), "limit": l.amount });
+    if let Some(burst) = l.burst {
+        v["burst"] = json!(burst);
+    }
+    v
+}
+
+/// A rate limit as set (it has no spending usage): in the limits table, its burst in the source column.
+fn rate_row(l: &pb::Limit) -> Vec<String> {
+    let dash = || "-".to_owned();
+    vec![
+        l.name.clone(),
+        period_text(l.period.as_ref()),
+        opt(l.amount),
+        dash(),
+        dash(),
+        dash(),
+        format!("key (rate, burst {})", l.burst.unwrap_or(0)),
+        dash(),
+    ]
 }
 
 fn retry_json(d: Option<&prost_types::Duration>) -> (Value, Value) {
@@ -168,12 +187,18 @@ fn plan_json(p: &pb::Plan) -> Value {
     json!({
         "name": p.name,
         "key_count": p.key_count,
-        "limits": p.limits.iter().map(|l| json!({
-            "unit": l.unit,
-            "name": l.name,
-            "period": period_json(l.period.as_ref()),
-            "limit": l.amount,
-        })).collect::<Vec<_>>(),
+        "limits": p.limits.iter().map(|l| {
+            let mut v = json!({
+                "unit": l.unit,
+                "name": l.name,
+                "period": period_json(l.period.as_ref()),
+                "limit": l.amount,
+            });
+            if let Some(burst) = l.burst {
+                v["burst"] = json!(burst);
+            }
+            v
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -203,6 +228,24 @@ fn transaction_json(t: &pb::Transaction) -> Value {
         "metadata": t.metadata,
         "key_ids": t.key_ids,
     })
+}
+
+/// JSON, for other client modules.
+pub fn print_value(v: &Value) {
+    print_json(v)
+}
+
+/// A table, for other client modules.
+pub fn print_rows(header: &[&str], rows: &[Vec<String>]) {
+    print_table(header, rows)
+}
+
+pub fn period_value(p: Option<&pb::Period>) -> Value {
+    period_json(p)
+}
+
+pub fn period_label(p: Option<&pb::Period>) -> String {
+    period_text(p)
 }
 
 fn print_json(v: &Value) {
@@ -326,6 +369,9 @@ pub fn limits(format: Format, r: &pb::GetLimitsResponse) {
             // the rows whose source is key).
             let mut rows: Vec<Vec<String>> = r.limits.iter().map(|u| limit_usage_row(u, false)).collect();
             rows.extend(r.key_limits.iter().filter(|l| l.amount.is_none()).map(unlimited_row));
+            rows.extend(
+                r.key_limits.iter().filter(|l| l.amount.is_some() && l.burst.is_some()).map(rate_row),
+            );
             print_table(LIMIT_HEADER, &rows);
         }
     }
@@ -346,8 +392,10 @@ pub fn limit_put(format: Format, key: &str, limit: &pb::Limit, usage: Option<&pb
             "source": "key",
             "period_start": null,
             "resets_at": null,
+            "burst": limit.burst,
         })),
         (Format::Table, Some(u)) => print_limit_usage_table(std::slice::from_ref(u), false),
+        (Format::Table, None) if limit.burst.is_some() => print_table(LIMIT_HEADER, &[rate_row(limit)]),
         (Format::Table, None) => print_table(LIMIT_HEADER, &[unlimited_row(limit)]),
     }
 }
@@ -362,7 +410,13 @@ pub fn limit_deleted(format: Format, key: &str, name: &str) {
 fn plan_rows(p: &pb::Plan) -> Vec<Vec<String>> {
     p.limits
         .iter()
-        .map(|l| vec![l.unit.clone(), l.name.clone(), period_text(l.period.as_ref()), l.amount.to_string()])
+        .map(|l| {
+            let limit = match l.burst {
+                Some(burst) => format!("{} (rate, burst {burst})", l.amount),
+                None => l.amount.to_string(),
+            };
+            vec![l.unit.clone(), l.name.clone(), period_text(l.period.as_ref()), limit]
+        })
         .collect()
 }
 
@@ -542,6 +596,7 @@ fn scope_name(s: i32) -> &'static str {
         Ok(pb::Scope::Spend) => "spend",
         Ok(pb::Scope::Read) => "read",
         Ok(pb::Scope::Admin) => "admin",
+        Ok(pb::Scope::Ratelimit) => "ratelimit",
         _ => "unspecified",
     }
 }

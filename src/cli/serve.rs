@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{Allowance, BatchConfig};
+use crate::app::{Allowance, BatchConfig, RateBatchConfig};
 use crate::clock::SystemClock;
 use crate::config::{DatabaseConfig, ServeConfig};
 use crate::grpc::{Authentication, Defaults, Lifecycle, Server};
@@ -25,7 +25,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .context("DATABASE_URL is not a valid Postgres URL")?;
     // Lazy: the server starts (NOT_SERVING) while the database is down, and becomes ready when it is up.
     let pool = PgStore::pool_options(config.database.db_pool_size).connect_lazy_with(options);
-    let store = PgStore::new(pool);
+    // Rate-limit batches commit asynchronously, on connections of their own (see PgStore::rate_options).
+    let rate_pool = PgStore::pool_options(config.rate_workers.into())
+        .connect_lazy_with(PgStore::rate_options(&config.database.database_url)?);
+    let store = PgStore::new(pool).with_rate_pool(rate_pool);
     if config.migrate {
         store.migrate().await.context("applying migrations")?;
     }
@@ -44,13 +47,15 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let server = Server {
         app: Allowance::new(Arc::new(store.clone()), Arc::new(SystemClock))
             .with_callers_max_age(config.auth_max_staleness)
-            .with_batching(batching),
+            .with_batching(batching)
+            .with_rate_batching(RateBatchConfig { workers: config.rate_workers.into(), max_batch: 512 }),
         defaults: Defaults { unit: config.default_unit, hold_ttl: config.default_hold_ttl },
         lifecycle: Lifecycle {
             health_interval: config.health_interval,
             drain_delay: config.shutdown_drain,
             grace: config.shutdown_grace,
             sweep_interval: config.sweep_interval,
+            rules_refresh: config.rules_refresh,
         },
         auth: if config.insecure_no_auth {
             Authentication::Off

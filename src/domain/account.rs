@@ -160,6 +160,11 @@ impl Account {
         effective_limits(&self.limits, &self.plan_limits)
     }
 
+    /// The rate limits that apply (own over the plan's by name), with where each comes from.
+    pub fn effective_rate_limits(&self) -> Vec<(super::LimitSpec, super::LimitSource)> {
+        super::effective_rate_limits(&self.limits, &self.plan_limits)
+    }
+
     /// The periods whose totals must be kept: those of the effective limits, those of the plan's limits
     /// even where an own limit overrides them (removing the override makes the plan's limit apply at once,
     /// within the same batch, so its totals must already be exact), and `also`.

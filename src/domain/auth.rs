@@ -21,18 +21,21 @@ pub enum Scope {
     Spend,
     /// GetLimits, GetTransaction, ListTransactions.
     Read,
-    /// Limits, plans, callers and the audit trail.
+    /// Limits, plans, callers, rules and the audit trail.
     Admin,
+    /// RateLimitService.CheckRate and Envoy's rate-limit protocol.
+    RateLimit,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 3] = [Scope::Spend, Scope::Read, Scope::Admin];
+    pub const ALL: [Scope; 4] = [Scope::Spend, Scope::Read, Scope::Admin, Scope::RateLimit];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Spend => "spend",
             Scope::Read => "read",
             Scope::Admin => "admin",
+            Scope::RateLimit => "ratelimit",
         }
     }
 
@@ -147,7 +150,7 @@ impl CallerName {
 pub fn parse_scopes(scopes: impl IntoIterator<Item = Scope>) -> Result<BTreeSet<Scope>, InvalidArgument> {
     let scopes: BTreeSet<Scope> = scopes.into_iter().collect();
     if scopes.is_empty() {
-        return Err(InvalidArgument::new("scopes", "name at least one of spend, read, admin"));
+        return Err(InvalidArgument::new("scopes", "name at least one of spend, read, admin, ratelimit"));
     }
     Ok(scopes)
 }
@@ -432,10 +435,12 @@ pub enum AuditAction {
     CallerRevoke,
     CallerRevokePreviousSecret,
     TransactionReverse,
+    RulePut,
+    RuleDelete,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 10] = [
+    pub const ALL: [AuditAction; 12] = [
         AuditAction::LimitPut,
         AuditAction::LimitDelete,
         AuditAction::PlanPut,
@@ -446,6 +451,8 @@ impl AuditAction {
         AuditAction::CallerRevoke,
         AuditAction::CallerRevokePreviousSecret,
         AuditAction::TransactionReverse,
+        AuditAction::RulePut,
+        AuditAction::RuleDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -460,6 +467,8 @@ impl AuditAction {
             AuditAction::CallerRevoke => "caller.revoke",
             AuditAction::CallerRevokePreviousSecret => "caller.revoke_previous_secret",
             AuditAction::TransactionReverse => "transaction.reverse",
+            AuditAction::RulePut => "rule.put",
+            AuditAction::RuleDelete => "rule.delete",
         }
     }
 

@@ -97,6 +97,8 @@ pub enum Rejection {
     PlanNotFound(super::PlanName),
     #[error("caller {0} not found")]
     CallerNotFound(super::CallerId),
+    #[error("rule {0} not found")]
+    RuleNotFound(super::LimitName),
     #[error("{0}")]
     AlreadyExists(String),
     #[error("{0}")]

@@ -90,9 +90,17 @@ impl LimitName {
 pub struct LimitSpec {
     pub name: LimitName,
     pub period: Period,
-    /// The most that committed + held spend may reach in the period; `None` is unlimited.
+    /// The most that committed + held spend may reach in the period; `None` is unlimited. For a rate limit:
+    /// the requests (or cost) allowed per period.
     pub amount: Option<i64>,
+    /// Set for a **rate limit** (see [`super::rate`]): at most this much cost at once; the allowance refills
+    /// at `amount` per `period` (GCRA) on rolling periods, and resets at each boundary on calendar ones. A
+    /// rate limit counts requests through CheckRate and Envoy's protocol, never spending.
+    pub burst: Option<i64>,
 }
+
+/// Largest rate-limit burst (and rate amount): keeps the GCRA arithmetic far from overflow.
+pub const MAX_RATE: i64 = 1_000_000_000;
 
 impl LimitSpec {
     pub fn new(name: LimitName, period: Period, amount: Option<i64>) -> Result<Self, InvalidArgument> {
@@ -101,17 +109,52 @@ impl LimitSpec {
         {
             return Err(InvalidArgument::new("amount", format!("must not be negative, got {a}")));
         }
-        Ok(Self { name, period, amount })
+        Ok(Self { name, period, amount, burst: None })
+    }
+
+    /// Makes this a rate limit with `burst`: 1 to 1e9, and the amount at most 1e9.
+    pub fn with_burst(mut self, burst: i64) -> Result<Self, InvalidArgument> {
+        if !(1..=MAX_RATE).contains(&burst) {
+            return Err(InvalidArgument::new(
+                "burst",
+                format!("must be between 1 and {MAX_RATE}, got {burst}"),
+            ));
+        }
+        if let Some(a) = self.amount
+            && a > MAX_RATE
+        {
+            return Err(InvalidArgument::new(
+                "amount",
+                format!("a rate limit's amount must be at most {MAX_RATE}"),
+            ));
+        }
+        self.burst = Some(burst);
+        Ok(self)
+    }
+
+    pub fn is_rate(&self) -> bool {
+        self.burst.is_some()
     }
 
     /// The round-1 limit of a window: rolling over the window's length.
     pub fn of_window(window: Window, amount: Option<i64>) -> Self {
-        Self { name: LimitName::of_window(window), period: Period::Rolling(window.length()), amount }
+        Self {
+            name: LimitName::of_window(window),
+            period: Period::Rolling(window.length()),
+            amount,
+            burst: None,
+        }
     }
 
     /// As the audit trail records it (`amount: null` is unlimited).
     pub fn audit_json(&self) -> serde_json::Value {
-        serde_json::json!({ "name": self.name.as_str(), "period": self.period.to_string(), "amount": self.amount })
+        let mut json = serde_json::json!({
+            "name": self.name.as_str(), "period": self.period.to_string(), "amount": self.amount
+        });
+        if let Some(burst) = self.burst {
+            json["burst"] = burst.into();
+        }
+        json
     }
 }
 
@@ -131,26 +174,50 @@ pub struct EffectiveLimit {
     pub source: LimitSource,
 }
 
-/// Own limits override the plan's of the same name; an own limit without an amount removes it. Sorted by
-/// name.
-pub fn effective_limits(own: &BTreeMap<LimitName, LimitSpec>, plan: &[LimitSpec]) -> Vec<EffectiveLimit> {
-    let mut out: BTreeMap<&LimitName, EffectiveLimit> = BTreeMap::new();
+/// Own limits override the plan's of the same name (whatever their kind); an own limit without an amount
+/// removes it. Sorted by name.
+fn merged<'a>(
+    own: &'a BTreeMap<LimitName, LimitSpec>,
+    plan: &'a [LimitSpec],
+) -> impl Iterator<Item = (&'a LimitSpec, LimitSource)> {
+    let mut out: BTreeMap<&LimitName, (&LimitSpec, LimitSource)> = BTreeMap::new();
     let tagged =
         plan.iter().map(|l| (l, LimitSource::Plan)).chain(own.values().map(|l| (l, LimitSource::Key)));
     for (spec, source) in tagged {
         match spec.amount {
-            Some(amount) => {
-                out.insert(
-                    &spec.name,
-                    EffectiveLimit { name: spec.name.clone(), period: spec.period, amount, source },
-                );
+            Some(_) => {
+                out.insert(&spec.name, (spec, source));
             }
             None => {
                 out.remove(&spec.name);
             }
         }
     }
-    out.into_values().collect()
+    out.into_values()
+}
+
+/// The spending limits that apply, merged as [`merged`] does: rate limits are not spending limits.
+pub fn effective_limits(own: &BTreeMap<LimitName, LimitSpec>, plan: &[LimitSpec]) -> Vec<EffectiveLimit> {
+    merged(own, plan)
+        .filter(|(spec, _)| !spec.is_rate())
+        .map(|(spec, source)| EffectiveLimit {
+            name: spec.name.clone(),
+            period: spec.period,
+            amount: spec.amount.unwrap_or(i64::MAX),
+            source,
+        })
+        .collect()
+}
+
+/// The rate limits that apply (each with an amount and a burst), merged by name as spending limits are.
+pub fn effective_rate_limits(
+    own: &BTreeMap<LimitName, LimitSpec>,
+    plan: &[LimitSpec],
+) -> Vec<(LimitSpec, LimitSource)> {
+    merged(own, plan)
+        .filter(|(spec, _)| spec.is_rate())
+        .map(|(spec, source)| (spec.clone(), source))
+        .collect()
 }
 
 /// A named set of limits per unit. Keys assigned to it get its limits, unless they override them.

@@ -6,6 +6,8 @@ mod auth;
 mod ledger;
 mod limit;
 mod period;
+pub mod rate;
+pub mod rules;
 mod transaction;
 mod values;
 mod window;
@@ -21,8 +23,8 @@ pub use ledger::{
     Changes, Committed, Exceeded, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed, windows_of,
 };
 pub use limit::{
-    EffectiveLimit, LimitName, LimitSource, LimitSpec, MAX_KEYS_PER_RESERVATION, MAX_LIMITS, Plan, PlanName,
-    effective_limits,
+    EffectiveLimit, LimitName, LimitSource, LimitSpec, MAX_KEYS_PER_RESERVATION, MAX_LIMITS, MAX_RATE, Plan,
+    PlanName, effective_limits, effective_rate_limits,
 };
 pub use period::{Calendar, CalendarUnit, MAX_ANCHOR_DISTANCE, MAX_PERIOD_DAYS, Period};
 pub use transaction::{ExpiringHold, Transaction, TxState};

@@ -7,17 +7,19 @@ use super::convert;
 use super::pb::{self, admin_service_server};
 use crate::app::{Allowance, DEFAULT_AUDIT_PAGE, Error};
 use crate::domain::{
-    AuditFilter, CallerId, CallerName, InvalidArgument, KeyId, KeyPrefixes, Scope, parse_scopes,
+    AuditFilter, CallerId, CallerName, InvalidArgument, KeyId, KeyPrefixes, LimitName, Scope, Unit,
+    parse_scopes,
 };
 use crate::storage::Store;
 
 pub struct AdminService<S> {
     app: Allowance<S>,
+    default_unit: Unit,
 }
 
 impl<S: Store> AdminService<S> {
-    pub fn new(app: Allowance<S>) -> Self {
-        Self { app }
+    pub fn new(app: Allowance<S>, default_unit: Unit) -> Self {
+        Self { app, default_unit }
     }
 }
 
@@ -33,6 +35,7 @@ fn scopes(values: &[i32]) -> Result<std::collections::BTreeSet<Scope>, InvalidAr
             Ok(pb::Scope::Spend) => Ok(Scope::Spend),
             Ok(pb::Scope::Read) => Ok(Scope::Read),
             Ok(pb::Scope::Admin) => Ok(Scope::Admin),
+            Ok(pb::Scope::Ratelimit) => Ok(Scope::RateLimit),
             Ok(pb::Scope::Unspecified) => {
                 Err(InvalidArgument::new(format!("scopes[{i}]"), "must be specified"))
             }
@@ -146,6 +149,44 @@ impl<S: Store> admin_service_server::AdminService for AdminService<S> {
             events: events.iter().map(convert::audit_event).collect(),
             next_page_token: next.map(|id| format!("a1.{id}")).unwrap_or_default(),
         }))
+    }
+
+    #[tracing::instrument(name = "grpc.put_rate_limit_rule", skip_all)]
+    async fn put_rate_limit_rule(
+        &self,
+        request: Request<pb::PutRateLimitRuleRequest>,
+    ) -> Result<Response<pb::PutRateLimitRuleResponse>, Status> {
+        let by = actor(&request);
+        check_unconfined(&by, "managing rate-limit rules")?;
+        let rule =
+            convert::rule(request.into_inner().rule, &self.default_unit, self.app.now()).map_err(invalid)?;
+        self.app.put_rule(rule.clone(), &by).await?;
+        Ok(Response::new(pb::PutRateLimitRuleResponse { rule: Some(convert::rule_to_pb(&rule)) }))
+    }
+
+    #[tracing::instrument(name = "grpc.list_rate_limit_rules", skip_all)]
+    async fn list_rate_limit_rules(
+        &self,
+        request: Request<pb::ListRateLimitRulesRequest>,
+    ) -> Result<Response<pb::ListRateLimitRulesResponse>, Status> {
+        check_unconfined(&actor(&request), "reading rate-limit rules")?;
+        let rules = self.app.list_rules().await?;
+        Ok(Response::new(pb::ListRateLimitRulesResponse {
+            rules: rules.iter().map(convert::rule_to_pb).collect(),
+        }))
+    }
+
+    #[tracing::instrument(name = "grpc.delete_rate_limit_rule", skip_all)]
+    async fn delete_rate_limit_rule(
+        &self,
+        request: Request<pb::DeleteRateLimitRuleRequest>,
+    ) -> Result<Response<pb::DeleteRateLimitRuleResponse>, Status> {
+        let by = actor(&request);
+        check_unconfined(&by, "managing rate-limit rules")?;
+        let name = LimitName::parse(request.into_inner().name)
+            .map_err(|e| invalid(InvalidArgument::new("name", e.reason)))?;
+        self.app.delete_rule(name, &by).await?;
+        Ok(Response::new(pb::DeleteRateLimitRuleResponse {}))
     }
 }
 

@@ -56,6 +56,9 @@ fn requirement(path: &str) -> Requirement {
             | "DeletePlan" | "AssignPlan",
         ) => Some(Scope::Admin),
         ("allowance.v1.AdminService", _) => Some(Scope::Admin),
+        ("allowance.v1.RateLimitService", _) | ("envoy.service.ratelimit.v3.RateLimitService", _) => {
+            Some(Scope::RateLimit)
+        }
         _ => None,
     };
     Requirement::Caller(scope)

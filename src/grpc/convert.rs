@@ -3,6 +3,7 @@
 use chrono::TimeDelta;
 
 use super::pb;
+use crate::domain::rules::{KeyTemplate, PatternEntry, Rule};
 use crate::domain::{
     AccountKey, AuditEvent, CalendarUnit, Caller, Exceeded, HoldTtl, InvalidArgument, KeyId, LimitName,
     LimitSource, LimitSpec, LimitUsage, MAX_KEYS_PER_RESERVATION, Period, Plan, PlanName, RetryAfter, Scope,
@@ -158,11 +159,20 @@ pub fn limit(l: Option<pb::Limit>, field: &str, now: Timestamp) -> Result<LimitS
     let l = l.ok_or_else(|| InvalidArgument::new(field.to_owned(), "is required"))?;
     let name = LimitName::parse(l.name).map_err(|e| e.within(field))?;
     let period = period(l.period, now).map_err(|e| e.within(field))?;
-    LimitSpec::new(name, period, l.amount).map_err(|e| e.within(field))
+    let spec = LimitSpec::new(name, period, l.amount).map_err(|e| e.within(field))?;
+    match l.burst {
+        Some(burst) => spec.with_burst(burst).map_err(|e| e.within(field)),
+        None => Ok(spec),
+    }
 }
 
 pub fn limit_to_pb(l: &LimitSpec) -> pb::Limit {
-    pb::Limit { name: l.name.to_string(), period: Some(period_to_pb(&l.period)), amount: l.amount }
+    pb::Limit {
+        name: l.name.to_string(),
+        period: Some(period_to_pb(&l.period)),
+        amount: l.amount,
+        burst: l.burst,
+    }
 }
 
 pub fn limit_usage(u: &LimitUsage) -> pb::LimitUsage {
@@ -229,8 +239,11 @@ pub fn plan(
         } else {
             Unit::parse(l.unit).map_err(|e| e.within(&field))?
         };
-        let spec =
-            limit(Some(pb::Limit { name: l.name, period: l.period, amount: Some(l.amount) }), &field, now)?;
+        let spec = limit(
+            Some(pb::Limit { name: l.name, period: l.period, amount: Some(l.amount), burst: l.burst }),
+            &field,
+            now,
+        )?;
         specs.push((unit, spec));
     }
     Plan::new(name, specs)
@@ -247,6 +260,7 @@ pub fn plan_to_pb(p: PlanInfo) -> pb::Plan {
                 name: s.name.to_string(),
                 period: Some(period_to_pb(&s.period)),
                 amount: s.amount.unwrap_or(i64::MAX),
+                burst: s.burst,
             })
         })
         .collect();
@@ -327,6 +341,72 @@ pub fn scope_to_pb(scope: Scope) -> pb::Scope {
         Scope::Spend => pb::Scope::Spend,
         Scope::Read => pb::Scope::Read,
         Scope::Admin => pb::Scope::Admin,
+        Scope::RateLimit => pb::Scope::Ratelimit,
+    }
+}
+
+pub fn source_to_pb(source: Option<LimitSource>) -> pb::LimitSource {
+    match source {
+        Some(LimitSource::Key) => pb::LimitSource::Key,
+        Some(LimitSource::Plan) => pb::LimitSource::Plan,
+        None => pb::LimitSource::Unspecified,
+    }
+}
+
+pub fn rule(
+    r: Option<pb::RateLimitRule>,
+    default_unit: &Unit,
+    now: Timestamp,
+) -> Result<Rule, InvalidArgument> {
+    let r = r.ok_or_else(|| InvalidArgument::new("rule", "is required"))?;
+    let within = |e: InvalidArgument| e.within("rule");
+    let name = LimitName::parse(r.name).map_err(|e| InvalidArgument::new("rule.name", e.reason))?;
+    let limit_name =
+        LimitName::parse(r.limit_name).map_err(|e| InvalidArgument::new("rule.limit_name", e.reason))?;
+    let unit = if r.unit.is_empty() { default_unit.clone() } else { Unit::parse(r.unit).map_err(within)? };
+    let pattern: Vec<PatternEntry> =
+        r.pattern.into_iter().map(|p| PatternEntry { key: p.key, value: p.value }).collect();
+    let default = match r.default_limit {
+        None => None,
+        Some(mut l) => {
+            l.name = limit_name.to_string();
+            if l.burst.is_none() || l.amount.is_none() {
+                return Err(InvalidArgument::new(
+                    "rule.default_limit",
+                    "needs an amount and a burst (a rate limit)",
+                ));
+            }
+            Some(limit(Some(l), "rule.default_limit", now)?)
+        }
+    };
+    Rule {
+        name,
+        domain: r.domain,
+        key_template: KeyTemplate::parse(r.key_template, &pattern).map_err(within)?,
+        pattern,
+        unit,
+        limit_name,
+        default,
+        shadow: r.shadow,
+    }
+    .check()
+    .map_err(within)
+}
+
+pub fn rule_to_pb(r: &Rule) -> pb::RateLimitRule {
+    pb::RateLimitRule {
+        name: r.name.to_string(),
+        domain: r.domain.clone(),
+        pattern: r
+            .pattern
+            .iter()
+            .map(|p| pb::DescriptorPattern { key: p.key.clone(), value: p.value.clone() })
+            .collect(),
+        key_template: r.key_template.to_string(),
+        unit: r.unit.to_string(),
+        limit_name: r.limit_name.to_string(),
+        default_limit: r.default.as_ref().map(limit_to_pb),
+        shadow: r.shadow,
     }
 }
 

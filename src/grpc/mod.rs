@@ -4,11 +4,13 @@ mod admin;
 pub mod auth;
 pub mod convert;
 mod layer;
+mod ratelimit;
 mod server;
 mod service;
 
 pub use admin::AdminService;
 pub use layer::{REQUEST_ID_HEADER, code_name};
+pub use ratelimit::{EnvoyRateLimitService, RateLimitService};
 pub use server::{Authentication, LIVENESS, Lifecycle, SERVICE_NAME, Server};
 pub use service::{Defaults, SpendingLimitsService};
 

@@ -11,8 +11,10 @@ use super::admin::AdminService;
 use super::auth::AuthLayer;
 use super::layer::ObserveLayer;
 use super::pb::admin_service_server::AdminServiceServer;
+use super::pb::rate_limit_service_server::RateLimitServiceServer;
 use super::pb::spending_limits_server::SpendingLimitsServer;
 use super::{Defaults, SpendingLimitsService, pb};
+use super::{EnvoyRateLimitService, RateLimitService};
 use crate::app::Allowance;
 use crate::storage::Store;
 
@@ -37,6 +39,8 @@ pub struct Lifecycle {
     pub grace: Duration,
     /// How often holds that expired on untouched keys are released (and the open-holds gauge refreshed).
     pub sweep_interval: Duration,
+    /// How often the rules of Envoy's protocol are re-read: the longest a rule change takes to apply here.
+    pub rules_refresh: Duration,
 }
 
 impl Default for Lifecycle {
@@ -46,6 +50,7 @@ impl Default for Lifecycle {
             drain_delay: Duration::ZERO,
             grace: Duration::from_secs(20),
             sweep_interval: Duration::from_secs(15),
+            rules_refresh: Duration::from_secs(2),
         }
     }
 }
@@ -78,11 +83,15 @@ impl<S: Store> Server<S> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         set_health(&reporter, ServingStatus::NotServing).await;
         reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let Lifecycle { health_interval, drain_delay, grace, sweep_interval } = self.lifecycle;
+        // v1 and v1alpha: grpcurl speaks v1, Python's grpcio-reflection and older tools only v1alpha.
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder().build_v1()?;
+        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
+        let Lifecycle { health_interval, drain_delay, grace, sweep_interval, rules_refresh } = self.lifecycle;
         // Background loops stop with this token, once the server has stopped serving.
         let stopped = CancellationToken::new();
         // With authentication on, a replica is ready only once it can check credentials.
@@ -105,7 +114,10 @@ impl<S: Store> Server<S> {
                 (AuthLayer::new(Some(self.app.caller_cache())), Some(task))
             }
         };
-        let admin = AdminService::new(self.app.clone());
+        let rules = tokio::spawn(refresh_rules(self.app.clone(), rules_refresh, stopped.clone()));
+        let admin = AdminService::new(self.app.clone(), self.defaults.unit.clone());
+        let rate_limits = RateLimitService::new(self.app.clone(), self.defaults.clone());
+        let envoy = EnvoyRateLimitService::new(self.app.clone());
         let service = SpendingLimitsService::new(self.app, self.defaults);
         let signal = {
             let shutdown = shutdown.clone();
@@ -123,8 +135,15 @@ impl<S: Store> Server<S> {
             .layer(tower::ServiceBuilder::new().layer(ObserveLayer).layer(auth_layer))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(SpendingLimitsServer::new(service))
-            .add_service(AdminServiceServer::new(admin));
+            .add_service(AdminServiceServer::new(admin))
+            .add_service(RateLimitServiceServer::new(rate_limits))
+            .add_service(
+                envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer::new(
+                    envoy,
+                ),
+            );
         // TCP_NODELAY on every accepted connection (the TLS listener sets it too): without it a response
         // written in two pieces waits for the client's delayed ACK (40 ms on Linux) — seen as 50 ms pairs
         // once responses grew past one write. `Server::tcp_nodelay` does not apply to a listener of our own.
@@ -151,6 +170,7 @@ impl<S: Store> Server<S> {
         // The loops may be waiting on an unreachable database: they must not hold shutdown past the grace.
         watcher.abort();
         sweeper.abort();
+        rules.abort();
         if let Some(refresher) = refresher {
             refresher.abort();
         }
@@ -177,9 +197,10 @@ async fn watch_health<S: Store>(
         let check = tokio::time::timeout(interval.max(READY_TIMEOUT), app.store().ready()).await;
         let status = match check {
             Ok(Ok(())) if credentials.as_ref().is_some_and(|c| !c.is_fresh()) => {
-                if last != Some(ServingStatus::NotServing) {
+                // Not at start-up, where the first read is simply still to come.
+                if last == Some(ServingStatus::Serving) {
                     tracing::warn!(
-                        "not ready: the credentials are not loaded (or too old); reporting NOT_SERVING"
+                        "not ready: the credentials are too old to check calls; reporting NOT_SERVING"
                     );
                 }
                 ServingStatus::NotServing
@@ -264,6 +285,27 @@ async fn refresh_callers<S: Store>(app: Allowance<S>, interval: Duration, stoppe
             }
         }
         gauge!("allowance_auth_cache_age_seconds").set(last_ok.elapsed().as_secs_f64());
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Re-reads the rate-limit rules every `interval`; a failed read keeps the last ones (checks need the database
+/// anyway, and answer UNAVAILABLE without it).
+async fn refresh_rules<S: Store>(app: Allowance<S>, interval: Duration, stopped: CancellationToken) {
+    let mut failing = false;
+    loop {
+        match app.refresh_rules().await {
+            Ok(_) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "re-reading rate-limit rules failed; keeping the last ones");
+                }
+                failing = true;
+            }
+        }
         tokio::select! {
             _ = stopped.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}

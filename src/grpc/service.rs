@@ -38,7 +38,10 @@ impl From<Error> for Status {
         match e {
             Error::InvalidArgument(e) => Status::invalid_argument(e.to_string()),
             Error::Rejected(
-                r @ (Rejection::NotFound(_) | Rejection::PlanNotFound(_) | Rejection::CallerNotFound(_)),
+                r @ (Rejection::NotFound(_)
+                | Rejection::PlanNotFound(_)
+                | Rejection::CallerNotFound(_)
+                | Rejection::RuleNotFound(_)),
             ) => Status::not_found(r.to_string()),
             Error::Rejected(Rejection::InvalidArgument(e)) => Status::invalid_argument(e.to_string()),
             Error::Rejected(r @ Rejection::AlreadyExists(_)) => Status::already_exists(r.to_string()),

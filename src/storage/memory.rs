@@ -5,10 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::{Access, BatchOutput, Cursor, PlanDeletion, PlanInfo, StorageError, Store, sorted_unique};
+use crate::domain::rate::{RateBook, RateState};
+use crate::domain::rules::Rule;
 use crate::domain::{
     Account, AccountKey, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, ExpiringHold,
-    KeyId, Ledger, Loaded, Period, Plan, PlanName, Rejection, Timestamp, Totals, Transaction, TransactionId,
-    TxState, counts,
+    KeyId, Ledger, LimitName, Loaded, Period, Plan, PlanName, Rejection, Timestamp, Totals, Transaction,
+    TransactionId, TxState, counts,
 };
 
 #[derive(Default)]
@@ -27,6 +29,8 @@ struct State {
     key_plans: BTreeMap<KeyId, PlanName>,
     callers: Vec<CallerRecord>,
     audit: Vec<AuditEvent>,
+    rate_states: BTreeMap<(AccountKey, LimitName), RateState>,
+    rules: BTreeMap<LimitName, Rule>,
 }
 
 impl MemoryStore {
@@ -347,6 +351,49 @@ impl Store for MemoryStore {
             .take(limit as usize)
             .cloned()
             .collect())
+    }
+
+    async fn with_rates<R, F>(
+        &self,
+        accounts: &[AccountKey],
+        now: Option<Timestamp>,
+        mut apply: F,
+    ) -> Result<R, StorageError>
+    where
+        R: Send,
+        F: FnMut(&mut RateBook) -> R + Send,
+    {
+        let mut state = self.lock();
+        let now = now.unwrap_or_else(|| crate::clock::Clock::now(&crate::clock::SystemClock));
+        let mut book = RateBook { now, ..RateBook::default() };
+        for key in sorted_unique(accounts) {
+            book.limits.insert(key.clone(), state.account(&key).effective_rate_limits());
+            for ((k, name), s) in state.rate_states.iter().filter(|((k, _), _)| k == &key) {
+                book.loaded.insert((k.clone(), name.clone()));
+                book.states.insert((k.clone(), name.clone()), *s);
+            }
+        }
+        let value = apply(&mut book);
+        state.rate_states.extend(book.changed);
+        Ok(value)
+    }
+
+    async fn rate_rules(&self) -> Result<Vec<Rule>, StorageError> {
+        Ok(self.lock().rules.values().cloned().collect())
+    }
+
+    async fn put_rate_rule(&self, rule: &Rule, audit: AuditEvent) -> Result<(), StorageError> {
+        let mut state = self.lock();
+        let before = state.rules.insert(rule.name.clone(), rule.clone());
+        state.audit(audit.change(before.map(|r| r.audit_json()), Some(rule.audit_json())));
+        Ok(())
+    }
+
+    async fn delete_rate_rule(&self, name: &LimitName, audit: AuditEvent) -> Result<bool, StorageError> {
+        let mut state = self.lock();
+        let Some(before) = state.rules.remove(name) else { return Ok(false) };
+        state.audit(audit.change(Some(before.audit_json()), None));
+        Ok(true)
     }
 
     async fn ready(&self) -> Result<(), StorageError> {

@@ -3,9 +3,11 @@
 
 use std::future::Future;
 
+use crate::domain::rate::RateBook;
+use crate::domain::rules::Rule;
 use crate::domain::{
-    AccountKey, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, KeyId, Ledger, Period, Plan,
-    PlanName, Rejection, Timestamp, Transaction, TransactionId,
+    AccountKey, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, KeyId, Ledger, LimitName, Period,
+    Plan, PlanName, Rejection, Timestamp, Transaction, TransactionId,
 };
 
 pub mod memory;
@@ -171,6 +173,36 @@ pub trait Store: Send + Sync + 'static {
         filter: &AuditFilter,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<AuditEvent>, StorageError>> + Send;
+
+    /// Loads the rate limits and locked rate states of `accounts` into a [`RateBook`] at `now` (`None`: the
+    /// database's clock, read in the same statement), runs `apply` and writes the states it changed. `apply`
+    /// runs again from scratch if the batch had to be retried.
+    fn with_rates<R, F>(
+        &self,
+        accounts: &[AccountKey],
+        now: Option<Timestamp>,
+        apply: F,
+    ) -> impl Future<Output = Result<R, StorageError>> + Send
+    where
+        R: Send,
+        F: FnMut(&mut RateBook) -> R + Send;
+
+    /// Every rate-limit rule.
+    fn rate_rules(&self) -> impl Future<Output = Result<Vec<Rule>, StorageError>> + Send;
+
+    /// Creates or replaces a rule by name, writing `audit` with the rule before and after.
+    fn put_rate_rule(
+        &self,
+        rule: &Rule,
+        audit: AuditEvent,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send;
+
+    /// Deletes a rule; false when there was none of that name (and nothing is written).
+    fn delete_rate_rule(
+        &self,
+        name: &LimitName,
+        audit: AuditEvent,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
 
     /// Connection pool figures, where there is a pool.
     fn pool_stats(&self) -> Option<PoolStats> {

@@ -20,6 +20,7 @@ use crate::domain::{
 };
 
 mod audit;
+mod rates;
 
 /// Embedded migrations, the same files `sqlx migrate run` applies.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -58,6 +59,9 @@ const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Connections for rate-limit batches; the same pool unless [`PgStore::with_rate_pool`] gave one whose
+    /// connections commit asynchronously.
+    rates: PgPool,
     /// Tasks waiting in `begin` for a connection.
     waiting: Arc<AtomicU64>,
 }
@@ -94,7 +98,22 @@ impl From<StorageError> for Attempt {
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, waiting: Arc::default() }
+        Self { rates: pool.clone(), pool, waiting: Arc::default() }
+    }
+
+    /// Rate-limit batches run on `pool`: give it [`PgStore::rate_options`] so that they commit without
+    /// waiting for the WAL flush. Never money: spending batches keep the durable pool.
+    pub fn with_rate_pool(mut self, pool: PgPool) -> Self {
+        self.rates = pool;
+        self
+    }
+
+    /// The serving options with `synchronous_commit = off`: a crash may forget the last few milliseconds of
+    /// rate-limit counts (a few requests admitted twice), in exchange for commits that need no disk flush.
+    pub fn rate_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+        let mut settings = PLAN_SETTINGS.to_vec();
+        settings.push(("synchronous_commit", "off"));
+        Ok(Self::connect_options(url)?.options(settings))
     }
 
     async fn begin(&self, access: Access) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
@@ -178,7 +197,87 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    #[tracing::instrument(name = "storage.rate_batch", skip_all, fields(accounts = accounts.len()))]
+    async fn rate_attempt<R, F>(
+        &self,
+        accounts: &[AccountKey],
+        now: Option<Timestamp>,
+        apply: &mut F,
+    ) -> Result<R, Attempt>
+    where
+        F: FnMut(&mut crate::domain::rate::RateBook) -> R,
+    {
+        let mut tx = self.rates.begin().await?;
+        let mut book = rates::load(&mut tx, accounts, now).await?;
+        let value = apply(&mut book);
+        if !rates::save(&mut tx, &book).await? {
+            return Err(Attempt::Retry);
+        }
+        tx.commit().await?;
+        Ok(value)
+    }
+}
+
 impl Store for PgStore {
+    async fn with_rates<R, F>(
+        &self,
+        accounts: &[AccountKey],
+        now: Option<Timestamp>,
+        mut apply: F,
+    ) -> Result<R, StorageError>
+    where
+        R: Send,
+        F: FnMut(&mut crate::domain::rate::RateBook) -> R + Send,
+    {
+        let accounts = sorted_unique(accounts);
+        let mut attempt = 1;
+        loop {
+            match self.rate_attempt(&accounts, now, &mut apply).await {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Retry) if attempt < MAX_ATTEMPTS => attempt += 1,
+                Err(Attempt::Retry) => return Err(StorageError::Contended),
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn rate_rules(&self) -> Result<Vec<crate::domain::rules::Rule>, StorageError> {
+        rates::rules(&self.pool, None).await
+    }
+
+    async fn put_rate_rule(
+        &self,
+        rule: &crate::domain::rules::Rule,
+        audit: AuditEvent,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.pool.begin().await?;
+        // Serialises concurrent changes of one rule, so `before` is exact.
+        sqlx::query!("SELECT pg_advisory_xact_lock(hashtext('rate_rules:' || $1))", rule.name.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let before = rates::rules(&mut *tx, Some(&rule.name)).await?.pop();
+        rates::upsert_rule(&mut tx, rule).await?;
+        let audit = audit.change(before.map(|r| r.audit_json()), Some(rule.audit_json()));
+        audit::insert_audit(&mut tx, &[audit]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_rate_rule(&self, name: &LimitName, audit: AuditEvent) -> Result<bool, StorageError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query!("SELECT pg_advisory_xact_lock(hashtext('rate_rules:' || $1))", name.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let Some(before) = rates::rules(&mut *tx, Some(name)).await?.pop() else {
+            return Ok(false);
+        };
+        rates::delete_rule(&mut tx, name).await?;
+        audit::insert_audit(&mut tx, &[audit.change(Some(before.audit_json()), None)]).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn with_ledger<R, F>(
         &self,
         access: Access,
@@ -331,14 +430,15 @@ impl Store for PgStore {
     }
 
     async fn put_plan(&self, plan: &Plan, audit: AuditEvent) -> Result<(), StorageError> {
-        let (mut units, mut names, mut periods, mut amounts) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut units, mut names, mut periods, mut amounts, mut bursts) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (unit, specs) in &plan.limits {
             for spec in specs {
                 units.push(unit.as_str().to_owned());
                 names.push(spec.name.as_str().to_owned());
                 periods.push(spec.period.to_string());
                 amounts.push(spec.amount.unwrap_or(i64::MAX));
+                bursts.push(spec.burst);
             }
         }
         let mut tx = self.pool.begin().await?;
@@ -356,13 +456,14 @@ impl Store for PgStore {
         // Two statements: a CTE's DELETE is not visible to the INSERT of the same statement.
         sqlx::query!("DELETE FROM plan_limits WHERE plan_id = $1", plan_id).execute(&mut *tx).await?;
         sqlx::query!(
-            r#"INSERT INTO plan_limits (plan_id, unit, name, period, amount)
-               SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[])"#,
+            r#"INSERT INTO plan_limits (plan_id, unit, name, period, amount, burst)
+               SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[])"#,
             plan_id,
             &units,
             &names,
             &periods,
             &amounts,
+            &bursts as &[Option<i64>],
         )
         .execute(&mut *tx)
         .await?;
@@ -528,7 +629,7 @@ async fn plans_in<'e>(
 ) -> Result<Vec<PlanInfo>, StorageError> {
     let rows = sqlx::query!(
         r#"SELECT p.name, l.unit AS "unit?", l.name AS "limit_name?", l.period AS "period?",
-                      l.amount AS "amount?",
+                      l.amount AS "amount?", l.burst,
                       (SELECT count(*) FROM key_plans k WHERE k.plan_id = p.id) AS "keys!"
                FROM plans p LEFT JOIN plan_limits l ON l.plan_id = p.id
                WHERE $1::text IS NULL OR p.name = $1
@@ -546,7 +647,8 @@ async fn plans_in<'e>(
             (r.unit, r.limit_name, r.period, r.amount)
         {
             let unit = parse_stored(Unit::parse(unit))?;
-            let spec = stored_limit(StoredLimit { name: limit_name, period, amount: Some(amount) })?;
+            let spec =
+                stored_limit(StoredLimit { name: limit_name, period, amount: Some(amount), burst: r.burst })?;
             plans.last_mut().expect("pushed above").2.push((unit, spec));
         }
     }
@@ -576,6 +678,9 @@ struct StoredLimit {
     name: String,
     period: String,
     amount: Option<i64>,
+    /// Set for a rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    burst: Option<i64>,
 }
 
 /// One period's totals as stored in `accounts.totals`.
@@ -588,7 +693,11 @@ struct StoredTotals {
 
 fn stored_limit(l: StoredLimit) -> Result<LimitSpec, StorageError> {
     let period: Period = l.period.parse().map_err(StorageError::Corrupt)?;
-    parse_stored(LimitSpec::new(parse_stored(LimitName::parse(l.name))?, period, l.amount))
+    let spec = parse_stored(LimitSpec::new(parse_stored(LimitName::parse(l.name))?, period, l.amount))?;
+    match l.burst {
+        Some(burst) => parse_stored(spec.with_burst(burst)),
+        None => Ok(spec),
+    }
 }
 
 struct AccountRow {
@@ -642,7 +751,12 @@ fn limits_json(a: &Account) -> serde_json::Value {
     let limits: Vec<StoredLimit> = a
         .limits
         .values()
-        .map(|l| StoredLimit { name: l.name.to_string(), period: l.period.to_string(), amount: l.amount })
+        .map(|l| StoredLimit {
+            name: l.name.to_string(),
+            period: l.period.to_string(),
+            amount: l.amount,
+            burst: l.burst,
+        })
         .collect();
     serde_json::to_value(limits).expect("limits serialise")
 }
@@ -760,7 +874,7 @@ async fn read_accounts(
             let plan = sqlx::query!(
                 r#"SELECT p.name,
                           (SELECT COALESCE(jsonb_agg(jsonb_build_object('name', l.name, 'period', l.period,
-                                                                        'amount', l.amount)), '[]')
+                                                                        'amount', l.amount, 'burst', l.burst)), '[]')
                            FROM plan_limits l WHERE l.plan_id = p.id AND l.unit = $2) AS "limits!: Json<Vec<StoredLimit>>"
                    FROM key_plans k JOIN plans p ON p.id = k.plan_id WHERE k.key_id = $1"#,
                 key.key_id.as_str(),
@@ -805,7 +919,7 @@ async fn select_accounts(
                SELECT l.id AS "id!", l.key_id AS "key_id!", l.unit AS "unit!",
                       l.limits AS "limits!: Json<Vec<StoredLimit>>", l.totals AS "totals!: Json<Vec<StoredTotals>>",
                       p.name AS "plan?",
-                      (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount))
+                      (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount, 'burst', pl.burst))
                        FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
                         AS "plan_limits?: Json<Vec<StoredLimit>>",
                       l.updated_at AS "updated_at!"
@@ -824,7 +938,7 @@ async fn select_accounts(
             r#"SELECT l.id AS "id!", l.key_id AS "key_id!", l.unit AS "unit!",
                       l.limits AS "limits!: Json<Vec<StoredLimit>>", l.totals AS "totals!: Json<Vec<StoredTotals>>",
                       p.name AS "plan?",
-                      (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount))
+                      (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount, 'burst', pl.burst))
                        FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
                         AS "plan_limits?: Json<Vec<StoredLimit>>",
                       l.updated_at AS "updated_at!"

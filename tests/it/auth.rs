@@ -185,6 +185,7 @@ async fn invoke(ch: &Channel, rpc: Rpc, cred: Option<&str>, t: &Targets) -> Resu
         period: Some(pb::Period {
             kind: Some(pb::period::Kind::Rolling(prost_types::Duration { seconds: 60, nanos: 0 })),
         }),
+        burst: None,
     };
     match rpc {
         Rpc::ReserveSpending => s.reserve_spending(req(reserve(KEY, "tx-new"), cred)).await.map(drop),
@@ -306,6 +307,7 @@ fn plan(name: &str) -> pb::PutPlanRequest {
             period: Some(pb::Period {
                 kind: Some(pb::period::Kind::Rolling(prost_types::Duration { seconds: 86_400, nanos: 0 })),
             }),
+            burst: None,
         }],
     }
 }

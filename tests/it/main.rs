@@ -8,6 +8,7 @@ mod helpers;
 mod lifecycle;
 mod model;
 mod quotas;
+mod ratelimit;
 mod tls;
 mod tracing;
 mod upgrade;

@@ -28,7 +28,7 @@ fn calendar(unit: pb::CalendarUnit, anchor: &str, zone: &str) -> pb::Period {
 }
 
 fn limit(name: &str, period: pb::Period, amount: Option<i64>) -> pb::Limit {
-    pb::Limit { name: name.into(), period: Some(period), amount }
+    pb::Limit { name: name.into(), period: Some(period), amount, burst: None }
 }
 
 async fn put_limit(c: &mut Client, key: &str, l: pb::Limit) -> Result<pb::PutLimitResponse, tonic::Status> {
@@ -42,7 +42,7 @@ async fn limits(c: &mut Client, key: &str) -> pb::GetLimitsResponse {
 }
 
 fn plan_limit(name: &str, period: pb::Period, amount: i64) -> pb::PlanLimit {
-    pb::PlanLimit { unit: "usd".into(), name: name.into(), period: Some(period), amount }
+    pb::PlanLimit { unit: "usd".into(), name: name.into(), period: Some(period), amount, burst: None }
 }
 
 fn clock_seconds(clock: &ManualClock) -> i64 {
@@ -237,7 +237,7 @@ async fn bad_input_is_invalid_argument_naming_the_field(pool: PgPool) {
         put_limit(&mut c, "k", limit("x", unspecified, Some(1))).await,
         "limit.period.calendar.unit",
     );
-    let no_period = pb::Limit { name: "x".into(), period: None, amount: Some(1) };
+    let no_period = pb::Limit { name: "x".into(), period: None, amount: Some(1), burst: None };
     assert_invalid(put_limit(&mut c, "k", no_period).await, "limit.period");
     assert_invalid(put_limit(&mut c, "k", limit("has space", day(), Some(1))).await, "limit.name");
     assert_invalid(put_limit(&mut c, "k", limit("x", day(), Some(-1))).await, "limit.amount");

@@ -19,6 +19,11 @@ const ROUND_1: [&str; 2] = [
     include_str!("../../migrations/20261122000002_transactions_statistics.sql"),
 ];
 const QUOTAS: &str = include_str!("../../migrations/20261201000001_limits_as_data.sql");
+/// Migrations after the quota model only add tables and columns: applied too, for the current binary.
+const LATER: [&str; 2] = [
+    include_str!("../../migrations/20261202000001_callers_and_audit.sql"),
+    include_str!("../../migrations/20261202000002_rate_limits.sql"),
+];
 
 #[sqlx::test(migrations = false)]
 async fn round_1_accounts_keep_their_limits_and_totals(pool: PgPool) {
@@ -61,6 +66,9 @@ async fn round_1_accounts_keep_their_limits_and_totals(pool: PgPool) {
     .unwrap();
 
     sqlx::raw_sql(QUOTAS).execute(&pool).await.unwrap();
+    for m in LATER {
+        sqlx::raw_sql(m).execute(&pool).await.unwrap();
+    }
 
     let clock = ManualClock::new(now);
     let app = Allowance::new(Arc::new(PgStore::new(pool.clone())), Arc::new(clock.clone()));
