@@ -185,6 +185,7 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for EnvoyRateLim
         &self,
         request: Request<rls::RateLimitRequest>,
     ) -> Result<Response<rls::RateLimitResponse>, Status> {
+        let by = actor(&request);
         let r = request.into_inner();
         if r.domain.is_empty() {
             return Err(invalid(InvalidArgument::new("domain", "must not be empty")));
@@ -242,6 +243,8 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for EnvoyRateLim
                 shadow: rule.shadow,
             });
         }
+        // A gateway confined to a tenant's keys counts only against them.
+        check_keys(&by, items.iter().map(|i| &i.account.key_id))?;
         let outcome = self.app.check_rate(items).await?;
         let mut statuses = Vec::with_capacity(matched.len());
         let mut overall = Code::Ok;

@@ -8,9 +8,13 @@ use allowance::app::Allowance;
 use allowance::clock::ManualClock;
 use allowance::domain::{Actor, CallerName, KeyPrefixes, Scope, parse_scopes};
 use allowance::grpc::pb::{
-    self, admin_service_client::AdminServiceClient, spending_limits_client::SpendingLimitsClient,
+    self, admin_service_client::AdminServiceClient, rate_limit_service_client::RateLimitServiceClient,
+    spending_limits_client::SpendingLimitsClient,
 };
 use allowance::storage::postgres::PgStore;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient as EnvoyClient;
 use sqlx::PgPool;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -121,10 +125,15 @@ enum Rpc {
     RotateCaller,
     RevokeCaller,
     ListAuditEvents,
+    PutRateLimitRule,
+    ListRateLimitRules,
+    DeleteRateLimitRule,
+    CheckRate,
+    ShouldRateLimit,
 }
 
 impl Rpc {
-    const ALL: [Rpc; 20] = [
+    const ALL: [Rpc; 25] = [
         Rpc::ReserveSpending,
         Rpc::Commit,
         Rpc::Reverse,
@@ -145,6 +154,11 @@ impl Rpc {
         Rpc::RotateCaller,
         Rpc::RevokeCaller,
         Rpc::ListAuditEvents,
+        Rpc::PutRateLimitRule,
+        Rpc::ListRateLimitRules,
+        Rpc::DeleteRateLimitRule,
+        Rpc::CheckRate,
+        Rpc::ShouldRateLimit,
     ];
 
     fn scope(self) -> pb::Scope {
@@ -152,6 +166,7 @@ impl Rpc {
         match self {
             ReserveSpending | Commit | Reverse => pb::Scope::Spend,
             GetLimits | GetTransaction | ListTransactions => pb::Scope::Read,
+            CheckRate | ShouldRateLimit => pb::Scope::Ratelimit,
             _ => pb::Scope::Admin,
         }
     }
@@ -284,6 +299,27 @@ async fn invoke(ch: &Channel, rpc: Rpc, cred: Option<&str>, t: &Targets) -> Resu
         Rpc::ListAuditEvents => {
             a.list_audit_events(req(pb::ListAuditEventsRequest::default(), cred)).await.map(drop)
         }
+        Rpc::PutRateLimitRule => a.put_rate_limit_rule(req(matrix_rule("new-rule"), cred)).await.map(drop),
+        Rpc::ListRateLimitRules => {
+            a.list_rate_limit_rules(req(pb::ListRateLimitRulesRequest {}, cred)).await.map(drop)
+        }
+        Rpc::DeleteRateLimitRule => a
+            .delete_rate_limit_rule(req(pb::DeleteRateLimitRuleRequest { name: "doomed".into() }, cred))
+            .await
+            .map(drop),
+        Rpc::CheckRate => RateLimitServiceClient::new(ch.clone())
+            .check_rate(req(pb::CheckRateRequest { key_id: KEY.into(), ..Default::default() }, cred))
+            .await
+            .map(drop),
+        Rpc::ShouldRateLimit => {
+            let descriptor = RateLimitDescriptor {
+                entries: vec![rate_limit_descriptor::Entry { key: "api_key".into(), value: "k".into() }],
+                ..Default::default()
+            };
+            let request =
+                RateLimitRequest { domain: "matrix".into(), descriptors: vec![descriptor], hits_addend: 0 };
+            EnvoyClient::new(ch.clone()).should_rate_limit(req(request, cred)).await.map(drop)
+        }
     }
 }
 
@@ -294,6 +330,22 @@ fn reserve(key: &str, tx: &str) -> pb::ReserveSpendingRequest {
         transaction_id: tx.into(),
         amount: 5,
         ..Default::default()
+    }
+}
+
+/// A rule counting domain `matrix`'s api_key descriptors against tenant A's keys.
+fn matrix_rule(name: &str) -> pb::PutRateLimitRuleRequest {
+    pb::PutRateLimitRuleRequest {
+        rule: Some(pb::RateLimitRule {
+            name: name.into(),
+            domain: "matrix".into(),
+            pattern: vec![pb::DescriptorPattern { key: "api_key".into(), value: None }],
+            key_template: "tenant-a/{api_key}".into(),
+            unit: "requests".into(),
+            limit_name: "api".into(),
+            default_limit: None,
+            shadow: false,
+        }),
     }
 }
 
@@ -313,10 +365,11 @@ fn plan(name: &str) -> pb::PutPlanRequest {
 }
 
 fn others(scope: pb::Scope) -> Vec<pb::Scope> {
-    [pb::Scope::Spend, pb::Scope::Read, pb::Scope::Admin].into_iter().filter(|s| *s != scope).collect()
+    ALL_SCOPES.into_iter().filter(|s| *s != scope).collect()
 }
 
-const ALL_SCOPES: [pb::Scope; 3] = [pb::Scope::Spend, pb::Scope::Read, pb::Scope::Admin];
+const ALL_SCOPES: [pb::Scope; 4] =
+    [pb::Scope::Spend, pb::Scope::Read, pb::Scope::Admin, pb::Scope::Ratelimit];
 
 #[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
 async fn every_rpc_against_every_kind_of_credential(pool: PgPool) {
@@ -332,6 +385,9 @@ async fn every_rpc_against_every_kind_of_credential(pool: PgPool) {
         assert!(s.reserve_spending(req(reserve(KEY, id), Some(&root))).await.unwrap().into_inner().allowed);
     }
     s.put_plan(req(plan("p-keep"), Some(&root))).await.unwrap();
+    let mut admin = AdminServiceClient::new(ch.clone());
+    admin.put_rate_limit_rule(req(matrix_rule("matrix"), Some(&root))).await.unwrap();
+    admin.put_rate_limit_rule(req(matrix_rule("doomed"), Some(&root))).await.unwrap();
     s.put_plan(req(plan("p-del"), Some(&root))).await.unwrap();
     let targets = Targets {
         rotate_victim: create(&ch, &root, "rotate-me", &[pb::Scope::Read], &[]).await.caller.unwrap().id,
