@@ -20,6 +20,9 @@ use crate::domain::{
 };
 use crate::storage::Store;
 
+/// Most descriptors one ShouldRateLimit request may carry (Envoy sends one per matching rate-limit action).
+const MAX_DESCRIPTORS: usize = 64;
+
 fn invalid(e: InvalidArgument) -> Status {
     Error::from(e).into()
 }
@@ -189,6 +192,12 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for EnvoyRateLim
         let r = request.into_inner();
         if r.domain.is_empty() {
             return Err(invalid(InvalidArgument::new("domain", "must not be empty")));
+        }
+        if r.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(invalid(InvalidArgument::new(
+                "descriptors",
+                format!("at most {MAX_DESCRIPTORS} per request, got {}", r.descriptors.len()),
+            )));
         }
         let (rules, loaded) = self.app.rules_with_age();
         if loaded.is_none() {

@@ -323,6 +323,13 @@ async fn envoy_should_rate_limit_with_rules_from_the_database(pool: PgPool) {
     assert!(bad.message().contains("key_template"), "{}", bad.message());
     let empty = envoy.should_rate_limit(RateLimitRequest::default()).await.unwrap_err();
     assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+    let many = RateLimitRequest {
+        domain: "edge".into(),
+        descriptors: vec![descriptor(&[("api_key", "k9")]); 65],
+        hits_addend: 0,
+    };
+    let flood = envoy.should_rate_limit(many).await.unwrap_err();
+    assert_eq!((flood.code(), flood.message().contains("descriptors")), (tonic::Code::InvalidArgument, true));
     s.stop().await.unwrap();
 }
 
