@@ -3,6 +3,7 @@
 mod auth;
 mod concurrency;
 mod db;
+mod decoding;
 mod grpc;
 mod helpers;
 mod lifecycle;
