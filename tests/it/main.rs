@@ -4,6 +4,7 @@ mod auth;
 mod concurrency;
 mod db;
 mod decoding;
+mod fuzz;
 mod grpc;
 mod helpers;
 mod lifecycle;
