@@ -17,8 +17,10 @@ use crate::storage::{Access, Cursor, PlanDeletion, PlanInfo, StorageError, Store
 mod batcher;
 mod callers;
 mod metrics;
+mod reconcile;
 
 pub use callers::{CallerCache, DEFAULT_AUDIT_PAGE, IssuedCredential, MAX_AUDIT_PAGE};
+pub use reconcile::Reconciliation;
 
 pub use metrics::describe as describe_metrics;
 

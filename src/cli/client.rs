@@ -741,7 +741,9 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
         }
         Command::Callers(command) => return super::admin::callers(command).await,
         Command::Audit(command) => return super::admin::audit(command).await,
-        Command::Serve(_) | Command::Migrate(_) | Command::Bench(_) => unreachable!("not a client command"),
+        Command::Serve(_) | Command::Migrate(_) | Command::Bench(_) | Command::Reconcile(_) => {
+            unreachable!("not a client command")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -51,6 +51,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             drain_delay: config.shutdown_drain,
             grace: config.shutdown_grace,
             sweep_interval: config.sweep_interval,
+            reconcile_interval: (!config.reconcile_interval.is_zero()).then_some(config.reconcile_interval),
         },
         auth: if config.insecure_no_auth {
             Authentication::Off

@@ -432,10 +432,12 @@ pub enum AuditAction {
     CallerRevoke,
     CallerRevokePreviousSecret,
     TransactionReverse,
+    /// `allowance reconcile --repair` set an account's running totals to what its transactions sum to.
+    TotalsRepair,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 10] = [
+    pub const ALL: [AuditAction; 11] = [
         AuditAction::LimitPut,
         AuditAction::LimitDelete,
         AuditAction::PlanPut,
@@ -446,6 +448,7 @@ impl AuditAction {
         AuditAction::CallerRevoke,
         AuditAction::CallerRevokePreviousSecret,
         AuditAction::TransactionReverse,
+        AuditAction::TotalsRepair,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -460,6 +463,7 @@ impl AuditAction {
             AuditAction::CallerRevoke => "caller.revoke",
             AuditAction::CallerRevokePreviousSecret => "caller.revoke_previous_secret",
             AuditAction::TransactionReverse => "transaction.reverse",
+            AuditAction::TotalsRepair => "totals.repair",
         }
     }
 

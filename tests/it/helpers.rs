@@ -38,6 +38,7 @@ pub fn lifecycle() -> Lifecycle {
         drain_delay: Duration::ZERO,
         grace: Duration::from_secs(5),
         sweep_interval: Duration::from_secs(3600),
+        reconcile_interval: None,
     }
 }
 

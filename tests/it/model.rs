@@ -551,6 +551,11 @@ async fn check<S: Store>(store: S, ops: &[Op]) -> Result<(), String> {
             }
         }
     }
+    // Whatever happened, the running totals equal what the ledger sums to: reconciliation finds nothing.
+    let report = app.reconcile(None).await.map_err(|e| e.to_string())?;
+    if !report.divergences.is_empty() {
+        return Err(format!("after {} steps, reconciliation found {:?}", ops.len(), report.divergences));
+    }
     Ok(())
 }
 
