@@ -122,6 +122,14 @@ impl<S: Store> Server<S> {
                 set_health(&reporter, ServingStatus::NotServing).await;
                 tracing::info!(?drain_delay, "shutting down: health is NOT_SERVING");
                 tokio::time::sleep(drain_delay).await;
+                // Health Watch streams (a load balancer watching) have seen NOT_SERVING during the drain; end
+                // them now, or each would hold its connection — and so the shutdown — for the whole grace
+                // period. Removing a status drops its sender: a stream delivers what it has not yet seen,
+                // then ends.
+                let mut reporter = reporter;
+                for service in ["", SERVICE_NAME, LIVENESS] {
+                    reporter.clear_service_status(service).await;
+                }
                 tracing::info!(?grace, "closing the listener; waiting for in-flight calls");
             }
         };
