@@ -15,6 +15,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // Encoded descriptors for server reflection.
     std::fs::write(out_dir.join("allowance_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages and servers: the servers decode requests with our codec, which answers INVALID_ARGUMENT
+    // (not tonic's INTERNAL) for a request that is not valid protobuf, e.g. a string that is not UTF-8.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .codec_path("crate::grpc::codec::RequestCodec")
+        .compile_fds(fds.clone())?;
+    // Clients, apart (into `client/`), with tonic's codec: a response that cannot be decoded is INTERNAL, as
+    // gRPC's status table says. The messages are those generated above.
+    let client_dir = out_dir.join("client");
+    std::fs::create_dir_all(&client_dir)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .extern_path(".allowance.v1", "crate::grpc::pb")
+        .out_dir(&client_dir)
+        .compile_fds(fds)?;
     Ok(())
 }

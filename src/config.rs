@@ -58,6 +58,10 @@ pub struct ServeConfig {
     /// How often holds that expired on keys nobody has called since are released.
     #[arg(long, env = "ALLOWANCE_SWEEP_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
+    /// How often every account's running totals are checked against the ledger, on one replica at a time
+    /// (report only: a log line per divergence and the allowance_reconcile_divergences gauge); 0 turns it off.
+    #[arg(long, env = "ALLOWANCE_RECONCILE_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
     /// Serve without authentication: any client that reaches the port may do anything. For local
     /// development only; logs a warning at start-up.
     #[arg(long, env = "ALLOWANCE_INSECURE_NO_AUTH")]

@@ -146,4 +146,13 @@ pub fn describe() {
         "Seconds since this replica last re-read the callers table."
     );
     describe_gauge!("allowance_build_info", "The running version.");
+    describe_gauge!(
+        "allowance_reconcile_divergences",
+        "Periods whose running totals differed from the ledger at the last reconciliation this replica ran \
+         (ALLOWANCE_RECONCILE_INTERVAL; one replica at a time: aggregate with max)."
+    );
+    describe_counter!(
+        "allowance_reconcile_runs_total",
+        "Reconciliations this replica ran, by result (ok, error); rounds another replica ran are not counted."
+    );
 }

@@ -20,8 +20,10 @@ mod metrics;
 mod rates;
 
 pub use rates::{RateBatchConfig, RuleCache, count_decision};
+mod reconcile;
 
 pub use callers::{CallerCache, DEFAULT_AUDIT_PAGE, IssuedCredential, MAX_AUDIT_PAGE};
+pub use reconcile::Reconciliation;
 
 pub use metrics::describe as describe_metrics;
 

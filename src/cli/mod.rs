@@ -1,7 +1,7 @@
 //! The `allowance` command line: the server and the operator's tools in one binary.
 //!
 //! Exit codes: 0 success; 1 error (the gRPC status and message go to stderr; also a health probe that is not
-//! SERVING); 2 bad usage; 3 a reservation that was denied.
+//! SERVING); 2 bad usage; 3 a reservation that was denied; 4 `reconcile` found divergences it did not repair.
 
 use std::process::ExitCode;
 
@@ -14,6 +14,7 @@ mod bench;
 mod client;
 mod output;
 mod ratelimit;
+mod reconcile;
 mod serve;
 mod tls;
 
@@ -27,7 +28,8 @@ pub const EXIT_DENIED: u8 = 3;
     name = "allowance",
     version,
     about = "Atomic spending limits over gRPC and Postgres",
-    after_help = "Exit codes: 0 success, 1 error (gRPC status on stderr), 2 bad usage, 3 reservation denied.\n\n\
+    after_help = "Exit codes: 0 success, 1 error (gRPC status on stderr), 2 bad usage, 3 reservation denied, 4 \
+                  reconcile found divergences.\n\n\
                   Every call but health needs a credential: --token or ALLOWANCE_TOKEN (<caller id>:<secret>).\n\n\
                   Example:\n  allowance serve --migrate            # with DATABASE_URL set\n  \
                   allowance limits set --key acct-42 --window daily --limit 1000\n  \
@@ -90,6 +92,10 @@ pub enum Command {
     /// Probe grpc.health.v1: exit 0 only when SERVING. For containers and scripts.
     #[command(after_help = "Example:\n  allowance health --addr http://127.0.0.1:50051 && echo ready")]
     Health(HealthArgs),
+    /// Recompute every account's running totals from its transactions and report (or --repair) those that
+    /// differ. Talks to the database directly.
+    #[command(after_help = reconcile::HELP)]
+    Reconcile(reconcile::ReconcileArgs),
     /// Drive a running server with load and report operations/s, latency percentiles and errors.
     Bench(bench::BenchArgs),
 }
@@ -117,6 +123,13 @@ pub async fn main() -> ExitCode {
         Command::Serve(config) => report(serve::serve(*config).await),
         Command::Migrate(db) => report(serve::migrate(db).await),
         Command::Bench(args) => report(bench::run(args).await),
+        Command::Reconcile(args) => match reconcile::run(args).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        },
         other => client::run(other).await,
     };
     telemetry.shutdown();

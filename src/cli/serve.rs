@@ -56,6 +56,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             grace: config.shutdown_grace,
             sweep_interval: config.sweep_interval,
             rules_refresh: config.rules_refresh,
+            reconcile_interval: (!config.reconcile_interval.is_zero()).then_some(config.reconcile_interval),
         },
         auth: if config.insecure_no_auth {
             Authentication::Off

@@ -437,10 +437,12 @@ pub enum AuditAction {
     TransactionReverse,
     RulePut,
     RuleDelete,
+    /// `allowance reconcile --repair` set an account's running totals to what its transactions sum to.
+    TotalsRepair,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 12] = [
+    pub const ALL: [AuditAction; 13] = [
         AuditAction::LimitPut,
         AuditAction::LimitDelete,
         AuditAction::PlanPut,
@@ -453,6 +455,7 @@ impl AuditAction {
         AuditAction::TransactionReverse,
         AuditAction::RulePut,
         AuditAction::RuleDelete,
+        AuditAction::TotalsRepair,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -469,6 +472,7 @@ impl AuditAction {
             AuditAction::TransactionReverse => "transaction.reverse",
             AuditAction::RulePut => "rule.put",
             AuditAction::RuleDelete => "rule.delete",
+            AuditAction::TotalsRepair => "totals.repair",
         }
     }
 

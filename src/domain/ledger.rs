@@ -140,6 +140,19 @@ pub struct Ledger {
     transactions: HashMap<TransactionId, Tracked<Transaction>>,
     expired: Vec<(TransactionId, AccountKey)>,
     audit: Vec<super::AuditEvent>,
+    recounted: HashMap<AccountKey, BTreeMap<Period, Totals>>,
+}
+
+/// One period of one account whose running totals differ from what its transactions sum to: a broken
+/// invariant (see [`crate::domain::Account`]), found by reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    pub account: AccountKey,
+    pub period: Period,
+    /// The totals kept in the account, refreshed to the batch's `now` as any batch refreshes them.
+    pub running: Totals,
+    /// What the account's transactions sum to in the period at `now`, summed afresh from history.
+    pub ledger: Totals,
 }
 
 /// What storage loaded for a batch, under the accounts' locks.
@@ -156,6 +169,9 @@ pub struct Loaded {
     pub fresh: Vec<(AccountKey, Period, Totals)>,
     /// Periods to keep totals for besides the accounts' effective limits (see [`Loaded::tracked`]).
     pub also: Vec<(AccountKey, Period)>,
+    /// Only when reconciling: every tracked period of every account summed from history at `now`, by the
+    /// same code as `fresh` (empty otherwise).
+    pub recounted: Vec<(AccountKey, Period, Totals)>,
 }
 
 impl Loaded {
@@ -186,7 +202,11 @@ impl Ledger {
                 .collect(),
             expired: Vec::new(),
             audit: Vec::new(),
+            recounted: HashMap::new(),
         };
+        for (key, period, totals) in loaded.recounted {
+            ledger.recounted.entry(key).or_default().insert(period, totals);
+        }
         for hold in loaded.expiring {
             if let Some(account) = ledger.accounts.get_mut(&hold.account) {
                 account.value.release_expired(hold.created_at, hold.amount);
@@ -220,6 +240,64 @@ impl Ledger {
 
     pub fn now(&self) -> Timestamp {
         self.now
+    }
+
+    /// Every period of the batch's accounts whose running totals, refreshed to `now`, differ from the
+    /// recount of its transactions. Empty unless storage loaded a recount (when reconciling).
+    pub fn divergences(&self) -> Vec<Divergence> {
+        let mut found = Vec::new();
+        for (key, recounted) in &self.recounted {
+            let Some(account) = self.accounts.get(key) else { continue };
+            for (period, ledger) in recounted {
+                // Every tracked period has totals once the ledger is open (missing ones were summed fresh).
+                let Some(running) = account.value.totals.get(period) else { continue };
+                if running != ledger {
+                    found.push(Divergence {
+                        account: key.clone(),
+                        period: *period,
+                        running: *running,
+                        ledger: *ledger,
+                    });
+                }
+            }
+        }
+        found.sort_by(|a, b| (&a.account, a.period).cmp(&(&b.account, b.period)));
+        found
+    }
+
+    /// Sets every diverging period's totals to the recount, recording one audit event per account (by `by`,
+    /// with the totals before and after). Returns what was repaired. Storage writes the accounts back under
+    /// the locks the batch holds, so no reservation interleaves.
+    pub fn repair(&mut self, by: &super::Actor) -> Vec<Divergence> {
+        let found = self.divergences();
+        let mut by_account: BTreeMap<&AccountKey, Vec<&Divergence>> = BTreeMap::new();
+        for d in &found {
+            by_account.entry(&d.account).or_default().push(d);
+        }
+        let json = |t: &Totals| {
+            serde_json::json!({
+                "committed": t.committed.to_string(),
+                "held": t.held.to_string(),
+                "since": t.since.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            })
+        };
+        let mut events = Vec::new();
+        for (key, divergences) in by_account {
+            let account = self.account_mut(key);
+            let (mut before, mut after) = (serde_json::Map::new(), serde_json::Map::new());
+            for d in divergences {
+                account.totals.insert(d.period, d.ledger);
+                before.insert(d.period.to_string(), json(&d.running));
+                after.insert(d.period.to_string(), json(&d.ledger));
+            }
+            events.push(
+                super::AuditEvent::new(by, self.now, super::AuditAction::TotalsRepair, "totals")
+                    .on(&key.key_id, Some(&key.unit))
+                    .change(Some(before.into()), Some(after.into())),
+            );
+        }
+        self.audit.extend(events);
+        found
     }
 
     pub fn account(&self, key: &AccountKey) -> &Account {

@@ -20,7 +20,8 @@ pub use auth::{
     Credential, KeyPrefixes, MAX_KEY_PREFIXES, Scope, Secret, SecretHash, parse_scopes,
 };
 pub use ledger::{
-    Changes, Committed, Exceeded, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed, windows_of,
+    Changes, Committed, Divergence, Exceeded, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed,
+    windows_of,
 };
 pub use limit::{
     EffectiveLimit, LimitName, LimitSource, LimitSpec, MAX_KEYS_PER_RESERVATION, MAX_LIMITS, MAX_RATE, Plan,

@@ -120,15 +120,14 @@ pub fn period(p: Option<pb::Period>, now: Timestamp) -> Result<Period, InvalidAr
                     ));
                 }
             };
+            // Range-checked here too, although `Period::calendar` also wants it within 100 years of now: every
+            // instant of a request that reaches SQL (the anchor is stored in the period's text and its
+            // boundaries become `since`) is checked at the edge.
             let anchor = c
                 .anchor
                 .as_ref()
                 .ok_or_else(|| InvalidArgument::new("period.calendar.anchor", "is required"))
-                .and_then(|a| {
-                    instant(a).ok_or_else(|| {
-                        InvalidArgument::new("period.calendar.anchor", "is not a valid timestamp")
-                    })
-                })?;
+                .and_then(|a| stored_instant(a, "period.calendar.anchor"))?;
             let zone = if c.time_zone.is_empty() { "UTC" } else { &c.time_zone };
             Period::calendar(unit, c.count.max(1), anchor, zone, now)
         }
@@ -462,6 +461,36 @@ mod tests {
         assert_eq!(window(2).unwrap(), Window::Weekly);
         assert_eq!(window(0).unwrap_err().field, "window");
         assert_eq!(window(99).unwrap_err().field, "window");
+    }
+
+    #[test]
+    fn request_instants_outside_what_postgres_stores_are_invalid_arguments() {
+        let ts = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        let now = chrono::DateTime::from_timestamp(1_893_456_000, 0).unwrap();
+        for bad in [
+            ts(i64::MAX, 0),
+            ts(i64::MIN, 0),
+            ts(-62_135_596_801, 0), // 0000-12-31T23:59:59Z, year 0
+            ts(253_402_300_800, 0), // 10000-01-01T00:00:00Z
+            ts(0, -1),
+            ts(0, 1_000_000_000),
+        ] {
+            assert_eq!(stored_instant(&bad, "start_time").unwrap_err().field, "start_time", "{bad:?}");
+            let calendar = pb::Period {
+                kind: Some(pb::period::Kind::Calendar(pb::CalendarPeriod {
+                    unit: pb::CalendarUnit::Day.into(),
+                    count: 1,
+                    anchor: Some(bad),
+                    time_zone: "UTC".into(),
+                })),
+            };
+            assert_eq!(period(Some(calendar), now).unwrap_err().field, "period.calendar.anchor", "{bad:?}");
+        }
+        assert!(stored_instant(&ts(-62_135_596_800, 0), "t").is_ok(), "0001-01-01T00:00:00Z");
+        assert!(
+            stored_instant(&ts(253_402_300_799, 999_999_999), "t").is_ok(),
+            "9999-12-31T23:59:59.999999999Z"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod admin;
 pub mod auth;
+pub mod codec;
 pub mod convert;
 mod layer;
 mod ratelimit;
@@ -17,6 +18,7 @@ pub use service::{Defaults, SpendingLimitsService};
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("allowance.v1");
+    include!(concat!(env!("OUT_DIR"), "/client/allowance.v1.rs"));
 
     /// Encoded descriptors of `allowance.v1`, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

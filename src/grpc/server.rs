@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use metrics::gauge;
+use metrics::{counter, gauge};
 use tokio::net::TcpListener;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,9 @@ pub struct Lifecycle {
     pub sweep_interval: Duration,
     /// How often the rules of Envoy's protocol are re-read: the longest a rule change takes to apply here.
     pub rules_refresh: Duration,
+    /// How often every account's totals are checked against the ledger (on one replica at a time; report
+    /// only, never repaired); `None`: never.
+    pub reconcile_interval: Option<Duration>,
 }
 
 impl Default for Lifecycle {
@@ -51,6 +54,7 @@ impl Default for Lifecycle {
             grace: Duration::from_secs(20),
             sweep_interval: Duration::from_secs(15),
             rules_refresh: Duration::from_secs(2),
+            reconcile_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -91,7 +95,14 @@ impl<S: Store> Server<S> {
         };
         let reflection = reflection_builder().build_v1()?;
         let reflection_v1alpha = reflection_builder().build_v1alpha()?;
-        let Lifecycle { health_interval, drain_delay, grace, sweep_interval, rules_refresh } = self.lifecycle;
+        let Lifecycle {
+            health_interval,
+            drain_delay,
+            grace,
+            sweep_interval,
+            rules_refresh,
+            reconcile_interval,
+        } = self.lifecycle;
         // Background loops stop with this token, once the server has stopped serving.
         let stopped = CancellationToken::new();
         // With authentication on, a replica is ready only once it can check credentials.
@@ -104,6 +115,8 @@ impl<S: Store> Server<S> {
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(sweep(self.app.clone(), sweep_interval, stopped.clone()));
+        let reconciler = reconcile_interval
+            .map(|every| tokio::spawn(reconcile(self.app.clone(), every, shutdown.clone())));
         let (auth_layer, refresher) = match self.auth {
             Authentication::Off => {
                 tracing::warn!("authentication is OFF: any client that reaches the port may do anything");
@@ -127,6 +140,14 @@ impl<S: Store> Server<S> {
                 set_health(&reporter, ServingStatus::NotServing).await;
                 tracing::info!(?drain_delay, "shutting down: health is NOT_SERVING");
                 tokio::time::sleep(drain_delay).await;
+                // Health Watch streams (a load balancer watching) have seen NOT_SERVING during the drain; end
+                // them now, or each would hold its connection — and so the shutdown — for the whole grace
+                // period. Removing a status drops its sender: a stream delivers what it has not yet seen,
+                // then ends.
+                let mut reporter = reporter;
+                for service in ["", SERVICE_NAME, LIVENESS] {
+                    reporter.clear_service_status(service).await;
+                }
                 tracing::info!(?grace, "closing the listener; waiting for in-flight calls");
             }
         };
@@ -171,6 +192,9 @@ impl<S: Store> Server<S> {
         watcher.abort();
         sweeper.abort();
         rules.abort();
+        if let Some(reconciler) = reconciler {
+            reconciler.abort();
+        }
         if let Some(refresher) = refresher {
             refresher.abort();
         }
@@ -257,6 +281,59 @@ async fn sweep<S: Store>(app: Allowance<S>, interval: Duration, stopped: Cancell
         tokio::select! {
             _ = stopped.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Every `interval`, checks every account's running totals against the ledger — on one replica at a time
+/// (a database advisory lock; a replica that finds it taken skips the round) — and reports what diverges:
+/// an ERROR line per diverging period and the gauge `allowance_reconcile_divergences`. It never repairs:
+/// a divergence is a bug or a hand edit to look at (`allowance reconcile --repair` fixes it). Stops when
+/// shutdown begins.
+async fn reconcile<S: Store>(app: Allowance<S>, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let started = std::time::Instant::now();
+        let run = app.store().exclusively(crate::storage::RECONCILE_JOB, app.reconcile(None));
+        let report = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            report = run => report,
+        };
+        match report {
+            Ok(Some(Ok(report))) => {
+                for d in &report.divergences {
+                    tracing::error!(
+                        key = %d.account.key_id,
+                        unit = %d.account.unit,
+                        period = %d.period,
+                        running_committed = %d.running.committed,
+                        running_held = %d.running.held,
+                        ledger_committed = %d.ledger.committed,
+                        ledger_held = %d.ledger.held,
+                        "running totals diverge from the ledger (allowance reconcile --repair fixes them)"
+                    );
+                }
+                gauge!("allowance_reconcile_divergences").set(report.divergences.len() as f64);
+                counter!("allowance_reconcile_runs_total", "result" => "ok").increment(1);
+                tracing::info!(
+                    accounts = report.accounts,
+                    divergences = report.divergences.len(),
+                    elapsed = ?started.elapsed(),
+                    "reconciled running totals with the ledger"
+                );
+            }
+            Ok(None) => tracing::debug!("reconciliation runs on another replica; skipped"),
+            Ok(Some(Err(e))) => {
+                counter!("allowance_reconcile_runs_total", "result" => "error").increment(1);
+                tracing::warn!(error = %e, "reconciliation failed; trying again next round");
+            }
+            Err(e) => {
+                counter!("allowance_reconcile_runs_total", "result" => "error").increment(1);
+                tracing::warn!(error = %e, "reconciliation failed; trying again next round");
+            }
         }
     }
 }

@@ -16,6 +16,20 @@ use crate::domain::{
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// Jobs running under [`Store::exclusively`].
+    jobs: Mutex<BTreeSet<&'static str>>,
+}
+
+/// Takes a job off the running list when it ends (also when its future is dropped half-way).
+struct JobGuard<'a> {
+    jobs: &'a Mutex<BTreeSet<&'static str>>,
+    name: &'static str,
+}
+
+impl Drop for JobGuard<'_> {
+    fn drop(&mut self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(self.name);
+    }
 }
 
 #[derive(Default, Clone)]
@@ -59,6 +73,18 @@ impl State {
         self.transactions.values().filter(move |t| t.accounts.contains(account))
     }
 
+    /// What `period` of `account` counts at `now`, summed from its transactions.
+    fn sum(&self, key: &AccountKey, period: &Period, now: Timestamp) -> Totals {
+        let since = period.start_at(now);
+        let mut totals = Totals::empty(since);
+        for t in self.charging(key).filter(|t| counts(period, since, t.created_at)) {
+            let (c, h) = self.share(t, key, now);
+            totals.committed += c;
+            totals.held += h;
+        }
+        totals
+    }
+
     fn audit(&mut self, mut event: AuditEvent) {
         event.id = self.audit.len() as i64 + 1;
         self.audit.push(event);
@@ -82,6 +108,7 @@ impl State {
         ids: &[TransactionId],
         also: &[(AccountKey, Period)],
         now: Timestamp,
+        recount: bool,
     ) -> Loaded {
         let owners = ids.iter().filter_map(|id| self.transactions.get(id)).flat_map(|t| t.accounts.clone());
         let keys: Vec<AccountKey> = accounts.iter().cloned().chain(owners).collect();
@@ -116,15 +143,14 @@ impl State {
                 }
                 loaded.aged.push((key.clone(), out));
             }
-            for period in account.missing_periods(&Loaded::tracked(account, also)) {
-                let since = period.start_at(now);
-                let mut totals = Totals::empty(since);
-                for t in self.charging(key).filter(|t| counts(&period, since, t.created_at)) {
-                    let (c, h) = self.share(t, key, now);
-                    totals.committed += c;
-                    totals.held += h;
+            let tracked = Loaded::tracked(account, also);
+            for period in account.missing_periods(&tracked) {
+                loaded.fresh.push((key.clone(), period, self.sum(key, &period, now)));
+            }
+            if recount {
+                for period in tracked {
+                    loaded.recounted.push((key.clone(), period, self.sum(key, &period, now)));
                 }
-                loaded.fresh.push((key.clone(), period, totals));
             }
         }
         loaded.accounts = accounts;
@@ -148,11 +174,11 @@ impl Store for MemoryStore {
         F: FnMut(&mut Ledger) -> R + Send,
     {
         let mut state = self.lock();
-        let mut ledger = Ledger::open(now, state.load(accounts, transactions, also, now));
+        let mut ledger = Ledger::open(now, state.load(accounts, transactions, also, now, access.recounts()));
         let now = ledger.now();
         let value = apply(&mut ledger);
         let changes = ledger.into_changes();
-        if access == Access::Write {
+        if access.writes() {
             for account in changes.accounts {
                 state.accounts.insert(account.key.clone(), account);
             }
@@ -394,6 +420,33 @@ impl Store for MemoryStore {
         let Some(before) = state.rules.remove(name) else { return Ok(false) };
         state.audit(audit.change(Some(before.audit_json()), None));
         Ok(true)
+    }
+
+    async fn account_keys(
+        &self,
+        after: Option<&AccountKey>,
+        limit: u32,
+    ) -> Result<Vec<AccountKey>, StorageError> {
+        let state = self.lock();
+        Ok(state
+            .accounts
+            .keys()
+            .filter(|k| after.is_none_or(|a| *k > a))
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn exclusively<J>(&self, name: &'static str, job: J) -> Result<Option<J::Output>, StorageError>
+    where
+        J: Future + Send,
+        J::Output: Send,
+    {
+        if !self.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(name) {
+            return Ok(None);
+        }
+        let _running = JobGuard { jobs: &self.jobs, name };
+        Ok(Some(job.await))
     }
 
     async fn ready(&self) -> Result<(), StorageError> {

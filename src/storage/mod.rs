@@ -26,14 +26,34 @@ pub enum StorageError {
     Corrupt(String),
 }
 
-/// Locks taken by [`Store::with_ledger`].
+/// Locks taken by [`Store::with_ledger`], and whether it recounts totals from history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     /// Lock the accounts (creating missing ones) and write the changes back.
     Write,
     /// A consistent snapshot, no locks, nothing written: for reads of usage.
     Read,
+    /// As `Read`, and every tracked period of every account is also summed from history
+    /// ([`Loaded::recounted`](crate::domain::Loaded)): reconciliation's check, which blocks no one.
+    Check,
+    /// As `Write`, with the recount of `Check`: reconciliation's repair, under the accounts' row locks.
+    Repair,
 }
+
+impl Access {
+    /// Takes the accounts' row locks and writes the batch's changes back.
+    pub fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::Repair)
+    }
+
+    /// Sums every tracked period from history besides refreshing the running totals.
+    pub fn recounts(self) -> bool {
+        matches!(self, Access::Check | Access::Repair)
+    }
+}
+
+/// Names of jobs that run on one replica at a time ([`Store::exclusively`]).
+pub const RECONCILE_JOB: &str = "reconcile";
 
 /// What one run of a batch returned, with what the refresh found along the way.
 #[derive(Debug)]
@@ -203,6 +223,25 @@ pub trait Store: Send + Sync + 'static {
         name: &LimitName,
         audit: AuditEvent,
     ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+    /// Accounts in key order after `after` (from the first when `None`), at most `limit`: for walking every
+    /// account in pages.
+    fn account_keys(
+        &self,
+        after: Option<&AccountKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<AccountKey>, StorageError>> + Send;
+
+    /// Runs `job` unless a job of the same name runs elsewhere (another replica, or here): `Ok(None)` then.
+    /// Postgres holds a session advisory lock on a connection of its own for the run, so the lock goes with
+    /// the connection if the process dies.
+    fn exclusively<J>(
+        &self,
+        name: &'static str,
+        job: J,
+    ) -> impl Future<Output = Result<Option<J::Output>, StorageError>> + Send
+    where
+        J: Future + Send,
+        J::Output: Send;
 
     /// Connection pool figures, where there is a pool.
     fn pool_stats(&self) -> Option<PoolStats> {

@@ -118,10 +118,8 @@ impl PgStore {
 
     async fn begin(&self, access: Access) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let tx = match access {
-            Access::Write => self.pool.begin().await,
-            Access::Read => self.pool.begin_with(BEGIN_READ).await,
-        };
+        let tx =
+            if access.writes() { self.pool.begin().await } else { self.pool.begin_with(BEGIN_READ).await };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         tx
     }
@@ -175,19 +173,20 @@ impl PgStore {
         F: FnMut(&mut Ledger) -> R,
     {
         let mut tx = self.begin(access).await?;
-        let rows = match access {
-            Access::Write => lock_accounts(&mut tx, accounts, ids).await?,
-            Access::Read => read_accounts(&mut tx, accounts, ids).await?,
+        let rows = if access.writes() {
+            lock_accounts(&mut tx, accounts, ids).await?
+        } else {
+            read_accounts(&mut tx, accounts, ids).await?
         };
         // Never earlier than the accounts' last write (see `Ledger::open`), and the same instant for the
         // load's ranges as for the ledger.
         let now = rows.iter().map(|r| r.updated_at).fold(now, Timestamp::max);
-        let (account_ids, loaded) = load(&mut tx, rows, ids, also, now).await?;
+        let (account_ids, loaded) = load(&mut tx, rows, ids, also, now, access.recounts()).await?;
         let mut ledger = Ledger::open(now, loaded);
         let value = apply(&mut ledger);
         let changes = ledger.into_changes();
         let expired_holds = changes.expired_holds;
-        if access == Access::Write {
+        if access.writes() {
             if !save(&mut tx, &account_ids, changes, now).await? {
                 return Err(Attempt::Retry);
             }
@@ -588,6 +587,48 @@ impl Store for PgStore {
 
     async fn audit_events(&self, filter: &AuditFilter, limit: u32) -> Result<Vec<AuditEvent>, StorageError> {
         audit::audit_events(&self.pool, filter, limit).await
+    }
+
+    async fn account_keys(
+        &self,
+        after: Option<&AccountKey>,
+        limit: u32,
+    ) -> Result<Vec<AccountKey>, StorageError> {
+        // Key ids are never empty: ("", "") sorts before every account.
+        let (key_id, unit) = after.map_or(("", ""), |a| (a.key_id.as_str(), a.unit.as_str()));
+        let rows = sqlx::query!(
+            r#"SELECT key_id, unit FROM accounts WHERE (key_id, unit) > ($1, $2)
+               ORDER BY key_id, unit LIMIT $3"#,
+            key_id,
+            unit,
+            i64::from(limit)
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(|r| account_key(r.key_id, r.unit)).collect()
+    }
+
+    async fn exclusively<J>(&self, name: &'static str, job: J) -> Result<Option<J::Output>, StorageError>
+    where
+        J: Future + Send,
+        J::Output: Send,
+    {
+        // A connection of its own, out of the pool: the session lock lives and dies with it (closed when this
+        // returns, or when the process does), and is never left on a pooled connection.
+        let mut conn = self.pool.acquire().await?.detach();
+        let locked = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock(hashtext('allowance.' || $1::text)) AS "locked!""#,
+            name
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        if !locked {
+            return Ok(None);
+        }
+        let out = job.await;
+        // Closing the session releases the lock; an error here changes nothing.
+        let _ = sqlx::Connection::close(conn).await;
+        Ok(Some(out))
     }
 
     fn pool_stats(&self) -> Option<PoolStats> {
@@ -1017,14 +1058,17 @@ impl LoadRow {
 }
 
 /// Loads, in one statement, what a ledger needs besides the accounts: the named transactions, the expiring
-/// holds, the sums that age out of each rolling period and the sums of periods that have no totals yet.
-/// Returns the accounts' row ids by key, for writing back.
+/// holds, the sums that age out of each rolling period and the sums of periods that have no totals yet —
+/// with `recount`, of every tracked period (reconciliation compares them with the running totals: the
+/// same sums as a newly applied period gets, from the same statement). Returns the accounts' row ids by key,
+/// for writing back.
 async fn load(
     tx: &mut PgTx<'_, Postgres>,
     rows: Vec<AccountRow>,
     ids: &[TransactionId],
     also: &[(AccountKey, Period)],
     now: Timestamp,
+    recount: bool,
 ) -> Result<(HashMap<AccountKey, i64>, Loaded), Attempt> {
     let mut account_ids = HashMap::with_capacity(rows.len());
     let mut loaded = Loaded { also: also.to_vec(), ..Loaded::default() };
@@ -1048,9 +1092,12 @@ async fn load(
             afters.push(range.after);
             uptos.push(range.upto);
         }
-        for period in account.missing_periods(&Loaded::tracked(account, also)) {
+        let tracked = Loaded::tracked(account, also);
+        let fresh = account.missing_periods(&tracked);
+        let summed: Vec<Period> = if recount { tracked.into_iter().collect() } else { fresh.clone() };
+        for period in summed {
             let from = period.counts_from(now);
-            missing.push((account.key.clone(), period, period.start_at(now)));
+            missing.push((account.key.clone(), period, period.start_at(now), fresh.contains(&period)));
             missing_ids.push(row_id);
             froms.push(from);
         }
@@ -1130,9 +1177,15 @@ async fn load(
             }
         }
     }
-    for (i, (key, period, since)) in missing.into_iter().enumerate() {
+    for (i, (key, period, since, is_fresh)) in missing.into_iter().enumerate() {
         let (committed, held) = fresh.remove(&i).unwrap_or_default();
-        loaded.fresh.push((key, period, Totals { committed, held, since }));
+        let totals = Totals { committed, held, since };
+        if recount {
+            loaded.recounted.push((key.clone(), period, totals));
+        }
+        if is_fresh {
+            loaded.fresh.push((key, period, totals));
+        }
     }
     Ok((account_ids, loaded))
 }

@@ -39,6 +39,7 @@ pub fn lifecycle() -> Lifecycle {
         grace: Duration::from_secs(5),
         sweep_interval: Duration::from_secs(3600),
         rules_refresh: Duration::from_millis(100),
+        reconcile_interval: None,
     }
 }
 
@@ -252,5 +253,84 @@ pub mod call {
         c.get_transaction(pb::GetTransactionRequest { transaction_id: tx.into() })
             .await
             .map(|r| r.into_inner())
+    }
+}
+
+/// A gRPC client that sends and receives raw bytes: for requests no generated client would encode.
+pub mod raw {
+    use std::net::SocketAddr;
+
+    use prost::bytes::{Buf, BufMut};
+    use tonic::Status;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Debug, Clone, Default)]
+    pub struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            RawCodec
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            RawCodec
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+        }
+    }
+
+    /// One unary call of `path` (`/package.Service/Method`) with `body` as the encoded request.
+    pub async fn call(addr: SocketAddr, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+        let mut grpc = tonic::client::Grpc::new(super::channel(addr).await);
+        grpc.ready().await.map_err(|e| Status::unknown(e.to_string()))?;
+        let path = http::uri::PathAndQuery::from_static(path);
+        grpc.unary(tonic::Request::new(body), path, RawCodec).await.map(tonic::Response::into_inner)
+    }
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+
+    /// A length-delimited field (string, bytes, message) with number `tag`.
+    pub fn field(tag: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        varint(u64::from(tag) << 3 | 2, &mut out);
+        varint(bytes.len() as u64, &mut out);
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    /// A varint field (integers, bools, enums) with number `tag`.
+    pub fn varint_field(tag: u32, value: i64) -> Vec<u8> {
+        let mut out = Vec::new();
+        varint(u64::from(tag) << 3, &mut out);
+        varint(value as u64, &mut out);
+        out
     }
 }

@@ -91,3 +91,40 @@ async fn health_follows_the_database_down_and_back_up_without_a_restart(pool: Pg
     assert_eq!(wait_for_health(&mut health, SERVICE, ServingStatus::Serving).await, ServingStatus::Serving);
     assert!(reserve(&mut c, "k", "after", 1).await.allowed);
 }
+
+/// A client watching health (grpc.health.v1 Watch, e.g. a load balancer) sees NOT_SERVING during the drain,
+/// then its stream ends: an open Watch stream does not hold the server for the whole grace period.
+#[tokio::test]
+async fn health_watch_streams_end_after_the_drain_and_do_not_hold_shutdown() {
+    use allowance::storage::memory::MemoryStore;
+
+    let mut lc = lifecycle();
+    lc.drain_delay = Duration::from_millis(300);
+    lc.grace = Duration::from_secs(60);
+    let s = TestServer::start_with(MemoryStore::new(), Arc::new(ManualClock::new(epoch())), lc).await;
+    let mut health = HealthClient::new(channel(s.addr).await);
+    assert_eq!(wait_for_health(&mut health, SERVICE, ServingStatus::Serving).await, ServingStatus::Serving);
+    let mut streams = Vec::new();
+    for service in ["", SERVICE, "liveness"] {
+        let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+        let mut stream = health.watch(request).await.unwrap().into_inner();
+        assert_eq!(stream.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+        streams.push(stream);
+    }
+
+    let started = std::time::Instant::now();
+    s.begin_shutdown();
+    for (i, stream) in streams.iter_mut().take(2).enumerate() {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap();
+        assert_eq!(next.unwrap().status(), ServingStatus::NotServing, "stream {i} sees the drain");
+    }
+    for stream in &mut streams {
+        let end = tokio::time::timeout(Duration::from_secs(30), stream.message()).await;
+        assert!(matches!(end, Ok(Ok(None))), "the stream ends with the drain: {end:?}");
+    }
+    tokio::time::timeout(Duration::from_secs(30), s.stop())
+        .await
+        .expect("the server stops long before its 60 s grace period")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30));
+}

@@ -3,12 +3,15 @@
 mod auth;
 mod concurrency;
 mod db;
+mod decoding;
+mod fuzz;
 mod grpc;
 mod helpers;
 mod lifecycle;
 mod model;
-mod quotas;
+pub(crate) mod quotas;
 mod ratelimit;
+mod reconcile;
 mod tls;
 mod tracing;
 mod upgrade;

@@ -551,6 +551,11 @@ async fn check<S: Store>(store: S, ops: &[Op]) -> Result<(), String> {
             }
         }
     }
+    // Whatever happened, the running totals equal what the ledger sums to: reconciliation finds nothing.
+    let report = app.reconcile(None).await.map_err(|e| e.to_string())?;
+    if !report.divergences.is_empty() {
+        return Err(format!("after {} steps, reconciliation found {:?}", ops.len(), report.divergences));
+    }
     Ok(())
 }
 
@@ -731,7 +736,8 @@ proptest! {
 #[test]
 fn batched_and_unbatched_execution_agree_on_postgres() {
     let rt = runtime();
-    let pool = rt.block_on(crate::db::migrated_pool("batching"));
+    let db = rt.block_on(crate::db::TestDatabase::create("batching"));
+    let pool = db.pool.clone();
     let mut runner =
         proptest::test_runner::TestRunner::new(ProptestConfig { cases: 32, ..ProptestConfig::default() });
     let result = runner.run(&prop::collection::vec(op(), 1..40), |ops| {
@@ -749,7 +755,8 @@ fn batched_and_unbatched_execution_agree_on_postgres() {
 #[test]
 fn postgres_store_matches_the_model() {
     let rt = runtime();
-    let pool = rt.block_on(crate::db::migrated_pool("model"));
+    let db = rt.block_on(crate::db::TestDatabase::create("model"));
+    let pool = db.pool.clone();
     let config = ProptestConfig {
         cases: std::env::var("MODEL_PG_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48),
         ..ProptestConfig::default()

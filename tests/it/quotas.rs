@@ -11,11 +11,11 @@ use tonic::Code;
 use crate::helpers::call::{Client, reserve, reserve_req};
 use crate::helpers::{TestServer, actor, epoch, second_pool};
 
-fn rolling(secs: i64) -> pb::Period {
+pub(crate) fn rolling(secs: i64) -> pb::Period {
     pb::Period { kind: Some(pb::period::Kind::Rolling(Duration { seconds: secs, nanos: 0 })) }
 }
 
-fn calendar(unit: pb::CalendarUnit, anchor: &str, zone: &str) -> pb::Period {
+pub(crate) fn calendar(unit: pb::CalendarUnit, anchor: &str, zone: &str) -> pb::Period {
     let t = chrono::DateTime::parse_from_rfc3339(anchor).unwrap();
     pb::Period {
         kind: Some(pb::period::Kind::Calendar(pb::CalendarPeriod {
@@ -27,21 +27,25 @@ fn calendar(unit: pb::CalendarUnit, anchor: &str, zone: &str) -> pb::Period {
     }
 }
 
-fn limit(name: &str, period: pb::Period, amount: Option<i64>) -> pb::Limit {
+pub(crate) fn limit(name: &str, period: pb::Period, amount: Option<i64>) -> pb::Limit {
     pb::Limit { name: name.into(), period: Some(period), amount, burst: None }
 }
 
-async fn put_limit(c: &mut Client, key: &str, l: pb::Limit) -> Result<pb::PutLimitResponse, tonic::Status> {
+pub(crate) async fn put_limit(
+    c: &mut Client,
+    key: &str,
+    l: pb::Limit,
+) -> Result<pb::PutLimitResponse, tonic::Status> {
     c.put_limit(pb::PutLimitRequest { key_id: key.into(), unit: "usd".into(), limit: Some(l) })
         .await
         .map(|r| r.into_inner())
 }
 
-async fn limits(c: &mut Client, key: &str) -> pb::GetLimitsResponse {
+pub(crate) async fn limits(c: &mut Client, key: &str) -> pb::GetLimitsResponse {
     c.get_limits(pb::GetLimitsRequest { key_id: key.into(), unit: "usd".into() }).await.unwrap().into_inner()
 }
 
-fn plan_limit(name: &str, period: pb::Period, amount: i64) -> pb::PlanLimit {
+pub(crate) fn plan_limit(name: &str, period: pb::Period, amount: i64) -> pb::PlanLimit {
     pb::PlanLimit { unit: "usd".into(), name: name.into(), period: Some(period), amount, burst: None }
 }
 

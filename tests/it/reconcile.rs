@@ -1,0 +1,168 @@
+//! Reconciliation: running totals against the ledger, on a populated database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use allowance::app::Allowance;
+use allowance::clock::ManualClock;
+use allowance::domain::{AuditAction, AuditFilter, KeyId, Period};
+use allowance::grpc::pb;
+use allowance::storage::postgres::PgStore;
+use allowance::storage::{RECONCILE_JOB, Store};
+use chrono::TimeDelta;
+use sqlx::{Connection, PgPool};
+
+use crate::helpers::call::{commit, reserve, reserve_req, reverse};
+use crate::helpers::{TestServer, actor, epoch};
+use crate::quotas::{calendar, limit, limits, plan_limit, put_limit, rolling};
+
+/// Keys with rolling and calendar limits of their own and of a plan, held, committed, partly committed,
+/// reversed, expired and multi-key transactions, some of them aged out of a day.
+pub(crate) async fn populate(c: &mut crate::helpers::call::Client, clock: &ManualClock) {
+    put_limit(c, "a", limit("daily", rolling(86_400), Some(10_000))).await.unwrap();
+    put_limit(
+        c,
+        "a",
+        limit(
+            "monthly",
+            calendar(pb::CalendarUnit::Month, "2029-12-15T00:00:00Z", "Europe/Paris"),
+            Some(50_000),
+        ),
+    )
+    .await
+    .unwrap();
+    c.put_plan(pb::PutPlanRequest {
+        name: "basic".into(),
+        limits: vec![
+            plan_limit("hourly", rolling(3_600), 5_000),
+            plan_limit("daily", rolling(86_400), 8_000),
+        ],
+    })
+    .await
+    .unwrap();
+    for key in ["b", "c"] {
+        c.assign_plan(pb::AssignPlanRequest { key_id: key.into(), plan: "basic".into() }).await.unwrap();
+    }
+    assert!(reserve(c, "a", "a-old", 700).await.allowed);
+    commit(c, "a-old", Some(600)).await.unwrap();
+    clock.advance(TimeDelta::hours(20));
+    assert!(reserve(c, "a", "a-held", 300).await.allowed);
+    assert!(reserve(c, "a", "a-rev", 200).await.allowed);
+    reverse(c, "a-rev").await.unwrap();
+    let multi = pb::ReserveSpendingRequest {
+        additional_key_ids: vec!["b".into(), "c".into()],
+        ..reserve_req("a", "abc-1", 400)
+    };
+    assert!(c.reserve_spending(multi).await.unwrap().into_inner().allowed);
+    commit(c, "abc-1", None).await.unwrap();
+    let soon = pb::ReserveSpendingRequest {
+        hold_ttl: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+        ..reserve_req("b", "b-expiring", 250)
+    };
+    assert!(c.reserve_spending(soon).await.unwrap().into_inner().allowed);
+    let now = pb::ReserveSpendingRequest { commit: true, ..reserve_req("c", "c-now", 90) };
+    assert!(c.reserve_spending(now).await.unwrap().into_inner().allowed);
+    // The first spend ages out of the day, the short hold expires, nothing has touched the keys since.
+    clock.advance(TimeDelta::hours(5));
+}
+
+fn reconciler(pool: &PgPool, clock: &ManualClock) -> Allowance<PgStore> {
+    Allowance::new(Arc::new(PgStore::new(pool.clone())), Arc::new(clock.clone()))
+}
+
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn a_planted_divergence_is_found_and_repaired_and_a_consistent_database_reports_nothing(pool: PgPool) {
+    let clock = ManualClock::new(epoch());
+    let s = TestServer::on(&pool, &clock).await;
+    let mut c = s.client.clone();
+    populate(&mut c, &clock).await;
+    let app = reconciler(&pool, &clock);
+
+    let report = app.reconcile(None).await.unwrap();
+    assert_eq!(report.accounts, 3);
+    assert_eq!(report.divergences, vec![], "a consistent database reports nothing");
+
+    // A hand edit (or a bug): key a's daily committed total no longer matches its transactions.
+    let day = Period::Rolling(TimeDelta::days(1));
+    sqlx::query(
+        "UPDATE accounts SET totals = (SELECT jsonb_agg(CASE WHEN e->>'p' = $1 THEN jsonb_set(e, '{c}', '\"9999\"') ELSE e END)
+                                       FROM jsonb_array_elements(totals) e)
+         WHERE key_id = 'a'",
+    )
+    .bind(day.to_string())
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Clients now see it: 9999 less a-old's 600, which has aged out of the day since the totals were written.
+    assert_eq!(limits(&mut c, "a").await.limits.iter().find(|l| l.name == "daily").unwrap().spent, 9399);
+
+    let report = app.reconcile(None).await.unwrap();
+    assert_eq!(report.divergences.len(), 1, "{:?}", report.divergences);
+    let d = &report.divergences[0];
+    assert_eq!((d.account.key_id.as_str(), d.period), ("a", day));
+    assert_eq!((d.running.committed, d.ledger.committed), (9399, 400), "a-old aged out; abc-1 counts");
+    assert_eq!(d.running.held, d.ledger.held);
+    assert!(!report.repaired);
+    assert_eq!(app.reconcile(None).await.unwrap().divergences, report.divergences, "a check writes nothing");
+
+    let by = actor();
+    let repaired = app.reconcile(Some(&by)).await.unwrap();
+    assert!(repaired.repaired);
+    assert_eq!(repaired.divergences, report.divergences);
+    assert_eq!(app.reconcile(None).await.unwrap().divergences, vec![]);
+    assert_eq!(limits(&mut c, "a").await.limits.iter().find(|l| l.name == "daily").unwrap().spent, 400);
+    let filter = AuditFilter { key_id: Some(KeyId::parse("a").unwrap()), ..AuditFilter::default() };
+    let (events, _) = app.audit_events(filter, 10).await.unwrap();
+    let event = events.iter().find(|e| e.action == AuditAction::TotalsRepair).expect("the repair is audited");
+    assert_eq!(event.before.as_ref().unwrap()[day.to_string()]["committed"], "9399");
+    assert_eq!(event.after.as_ref().unwrap()[day.to_string()]["committed"], "400");
+}
+
+/// A repair takes the accounts' row locks, as every change does: it waits for a batch holding one.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn a_repair_waits_for_the_account_lock(pool: PgPool) {
+    let clock = ManualClock::new(epoch());
+    let s = TestServer::on(&pool, &clock).await;
+    let mut c = s.client.clone();
+    put_limit(&mut c, "a", limit("daily", rolling(86_400), Some(1_000))).await.unwrap();
+    assert!(reserve(&mut c, "a", "t1", 100).await.allowed);
+    sqlx::query("UPDATE accounts SET totals = jsonb_set(totals, '{0,h}', '\"7\"') WHERE key_id = 'a'")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let mut blocker = sqlx::PgConnection::connect_with(&pool.connect_options()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE key_id = 'a' FOR UPDATE").execute(&mut blocker).await.unwrap();
+    let app = reconciler(&pool, &clock);
+    let repair = tokio::spawn(async move { app.reconcile(Some(&actor())).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!repair.is_finished(), "the repair must wait for the row lock");
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(30), repair).await.unwrap().unwrap().unwrap();
+    assert_eq!(report.divergences.len(), 1);
+    assert_eq!((report.divergences[0].running.held, report.divergences[0].ledger.held), (7, 100));
+}
+
+/// The periodic job runs on one replica at a time: a second store on the same database is kept out while
+/// the first runs, and gets in once it has finished.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn reconciliation_runs_on_one_replica_at_a_time(pool: PgPool) {
+    let one = PgStore::new(crate::helpers::second_pool(&pool, 2).await);
+    let two = PgStore::new(crate::helpers::second_pool(&pool, 2).await);
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(async move {
+        one.exclusively(RECONCILE_JOB, async move {
+            started_tx.send(()).unwrap();
+            finished.await.unwrap();
+            "first"
+        })
+        .await
+    });
+    started.await.unwrap();
+    assert_eq!(two.exclusively(RECONCILE_JOB, async { "second" }).await.unwrap(), None);
+    finish.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), Some("first"));
+    assert_eq!(two.exclusively(RECONCILE_JOB, async { "second" }).await.unwrap(), Some("second"));
+}
