@@ -79,7 +79,11 @@ impl CallerCache {
             return Err(AuthFailure::Unavailable);
         }
         let state = self.read();
-        let record = state.by_id.get(&credential.id).ok_or(AuthFailure::UnknownCaller)?;
+        let Some(record) = state.by_id.get(&credential.id) else {
+            // Hash anyway: an unknown id must not answer faster than a known one with a wrong secret.
+            std::hint::black_box(crate::domain::SecretHash::of(credential.secret()));
+            return Err(AuthFailure::UnknownCaller);
+        };
         record.authenticate(credential.secret())?;
         if let Some(scope) = scope
             && !record.caller.scopes.contains(&scope)
