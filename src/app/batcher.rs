@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Allowance, Error, Operation, Outcome};
 use crate::domain::{AccountKey, Rejection, ReserveOutcome, TransactionId};
-use crate::storage::{StorageError, Store};
+use crate::storage::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
@@ -161,11 +161,9 @@ async fn run<S: Store>(app: &Allowance<S>, batch: &mut Vec<Job>) {
                 let _ = job.reply.send(Ok(result));
             }
         }
-        // A statement the database refused (not a lost connection) might be one operation's doing: run each
-        // alone, so only that one fails.
-        Err(Error::Storage(StorageError::Unavailable(e)))
-            if batch.len() > 1 && matches!(*e, sqlx::Error::Database(_)) =>
-        {
+        // A statement the database refused (not a lost connection, nor a server shutting down or restarting)
+        // might be one operation's doing: run each alone, so only that one fails.
+        Err(Error::Storage(e)) if batch.len() > 1 && e.statement_refused() => {
             tracing::warn!(size = batch.len(), "batch failed; running its operations one by one");
             for job in batch.drain(..) {
                 let result = app.execute(vec![job.operation]).await.map(|mut r| r.remove(0));

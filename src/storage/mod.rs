@@ -26,6 +26,28 @@ pub enum StorageError {
     Corrupt(String),
 }
 
+impl StorageError {
+    /// The database refused a statement for what it contained (data out of range, a constraint): one
+    /// operation of a batch may be the cause, so running them one by one finds it. Not so when the server or
+    /// the connection is in trouble (shut down, restarting, out of resources): the batch as a whole failed.
+    pub fn statement_refused(&self) -> bool {
+        match self {
+            StorageError::Unavailable(e) => {
+                e.as_database_error().is_some_and(|d| refused_statement(d.code().as_deref()))
+            }
+            StorageError::Contended | StorageError::Corrupt(_) => false,
+        }
+    }
+}
+
+/// Whether a SQLSTATE is about the statement rather than the server: classes 08 (connection exception),
+/// 53 (insufficient resources), 57 (operator intervention: shutdown, cancel, restart), 58 (system error)
+/// and XX (internal error) are the server's.
+fn refused_statement(code: Option<&str>) -> bool {
+    let class = code.map_or("", |c| c.get(..2).unwrap_or(c));
+    !matches!(class, "08" | "53" | "57" | "58" | "XX")
+}
+
 /// Locks taken by [`Store::with_ledger`], and whether it recounts totals from history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -273,4 +295,17 @@ pub(crate) fn sorted_unique<T: Ord + Clone>(items: &[T]) -> Vec<T> {
     v.sort();
     v.dedup();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_server_going_away_is_not_a_statement_refused() {
+        for server in ["57P01", "57P02", "57P03", "57014", "08006", "08003", "53300", "58000", "XX000"] {
+            assert!(!super::refused_statement(Some(server)), "{server}");
+        }
+        for statement in ["22003", "23505", "42601", "22P02", "0A000"] {
+            assert!(super::refused_statement(Some(statement)), "{statement}");
+        }
+    }
 }

@@ -28,6 +28,13 @@ impl TestDatabase {
         MIGRATOR.run(&pool).await.unwrap();
         Self { pool, name, admin }
     }
+
+    /// The database's URL, for processes of their own (the shipped binary).
+    pub fn url(&self) -> String {
+        let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+        let (server, _) = url.rsplit_once('/').expect("DATABASE_URL names a database");
+        format!("{server}/{}", self.name)
+    }
 }
 
 impl Drop for TestDatabase {

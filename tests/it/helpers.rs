@@ -128,20 +128,33 @@ pub async fn second_pool(pool: &PgPool, max: u32) -> PgPool {
     PgPoolOptions::new().max_connections(max).connect_with(options).await.unwrap()
 }
 
-/// A TCP proxy in front of Postgres that a test can cut and restore, to play a database outage.
+/// A TCP proxy in front of Postgres that a test can cut and restore, to play a database outage, or arm to
+/// cut connections right after they send COMMIT (the database commits, the service never hears).
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<std::sync::Mutex<(bool, CancellationToken)>>,
+    /// COMMITs still to cut, and how many were.
+    commit_cuts: Arc<std::sync::atomic::AtomicU32>,
+    commits_cut: Arc<std::sync::atomic::AtomicU32>,
 }
+
+/// A simple-protocol query message `COMMIT`, as sqlx ends a transaction.
+const COMMIT_MESSAGE: &[u8] = b"Q\x00\x00\x00\x0bCOMMIT\x00";
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(std::sync::Mutex::new((true, CancellationToken::new())));
+        let commit_cuts = Arc::new(AtomicU32::new(0));
+        let commits_cut = Arc::new(AtomicU32::new(0));
         let shared = state.clone();
+        let (to_cut, cut_count) = (commit_cuts.clone(), commits_cut.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
+            while let Ok((client, _)) = listener.accept().await {
                 let (up, cut) = {
                     let s = shared.lock().unwrap();
                     (s.0, s.1.clone())
@@ -149,16 +162,39 @@ impl Proxy {
                 if !up {
                     continue; // dropped: the connection is refused
                 }
+                let (to_cut, cut_count) = (to_cut.clone(), cut_count.clone());
                 tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let upward = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = from_client.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<(), std::io::Error>(());
+                            }
+                            to_server.write_all(&buf[..n]).await?;
+                            let commit = buf[..n].windows(COMMIT_MESSAGE.len()).any(|w| w == COMMIT_MESSAGE);
+                            let armed = commit
+                                && to_cut
+                                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                                    .is_ok();
+                            if armed {
+                                cut_count.fetch_add(1, Ordering::SeqCst);
+                                return Ok(()); // both connections close: the COMMIT went, its answer never comes
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = upward => {}
+                        _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
                         _ = cut.cancelled() => {}
                     }
                 });
             }
         });
-        Self { addr, state }
+        Self { addr, state, commit_cuts, commits_cut }
     }
 
     /// Down: every open connection is cut and new ones are refused. Up: connections go through again.
@@ -171,10 +207,24 @@ impl Proxy {
         s.0 = up;
     }
 
-    /// A pool for the database of `pool`, connecting through this proxy.
+    /// Cuts the connections that send the next `n` COMMITs, right after forwarding them.
+    pub fn cut_after_commits(&self, n: u32) {
+        self.commit_cuts.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections were cut right after a COMMIT.
+    pub fn commits_cut(&self) -> u32 {
+        self.commits_cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A pool for the database of `pool`, connecting through this proxy, in plaintext (so that the proxy
+    /// can tell a COMMIT).
     pub fn pool_for(&self, pool: &PgPool) -> PgPool {
-        let options: PgConnectOptions =
-            (*pool.connect_options()).clone().host("127.0.0.1").port(self.addr.port());
+        let options: PgConnectOptions = (*pool.connect_options())
+            .clone()
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            .ssl_mode(sqlx::postgres::PgSslMode::Disable);
         PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(1))

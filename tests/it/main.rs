@@ -4,6 +4,7 @@ mod auth;
 mod concurrency;
 mod db;
 mod decoding;
+mod drill;
 mod fuzz;
 mod grpc;
 mod helpers;
