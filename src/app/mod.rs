@@ -442,7 +442,9 @@ impl<S: Store> Allowance<S> {
             .with_ledger(Access::Read, std::slice::from_ref(&account), &[], &also, now, |ledger| {
                 let a = ledger.account(&account);
                 AccountUsage {
-                    limits: a.limit_usage(now),
+                    // The instant the snapshot was read at (the database's clock, or raised to the
+                    // account's last write), not this replica's reading.
+                    limits: a.limit_usage(ledger.now()),
                     windows: a.all_windows(),
                     plan: a.plan.clone(),
                     own: a.limits.values().cloned().collect(),

@@ -28,7 +28,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Rate-limit batches commit asynchronously, on connections of their own (see PgStore::rate_options).
     let rate_pool = PgStore::pool_options(config.rate_workers.into())
         .connect_lazy_with(PgStore::rate_options(&config.database.database_url)?);
-    let store = PgStore::new(pool).with_rate_pool(rate_pool);
+    let store = PgStore::new(pool).with_rate_pool(rate_pool).with_database_clock();
     if config.migrate {
         store.migrate().await.context("applying migrations")?;
     }

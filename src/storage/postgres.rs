@@ -62,6 +62,8 @@ pub struct PgStore {
     /// Connections for rate-limit batches; the same pool unless [`PgStore::with_rate_pool`] gave one whose
     /// connections commit asynchronously.
     rates: PgPool,
+    /// Spending batches decide at the database's clock (see [`PgStore::with_database_clock`]).
+    database_clock: bool,
     /// Tasks waiting in `begin` for a connection.
     waiting: Arc<AtomicU64>,
 }
@@ -98,7 +100,15 @@ impl From<StorageError> for Attempt {
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { rates: pool.clone(), pool, waiting: Arc::default() }
+        Self { rates: pool.clone(), pool, waiting: Arc::default(), database_clock: false }
+    }
+
+    /// Batches decide at the database's clock (read in the statement that locks their accounts) instead
+    /// of this replica's: replicas whose clocks disagree still agree on every window. `allowance serve`
+    /// turns it on; tests that drive a clock leave it off.
+    pub fn with_database_clock(mut self) -> Self {
+        self.database_clock = true;
+        self
     }
 
     /// Rate-limit batches run on `pool`: give it [`PgStore::rate_options`] so that they commit without
@@ -180,6 +190,12 @@ impl PgStore {
         };
         // Never earlier than the accounts' last write (see `Ledger::open`), and the same instant for the
         // load's ranges as for the ledger.
+        // One clock for every replica: the database's, read with the accounts (after their locks), unless a
+        // test drives the clock.
+        let now = match self.database_clock {
+            true => rows.iter().filter_map(|r| r.db_now).max().unwrap_or(now),
+            false => now,
+        };
         let now = rows.iter().map(|r| r.updated_at).fold(now, Timestamp::max);
         let (account_ids, loaded) = load(&mut tx, rows, ids, also, now, access.recounts()).await?;
         let mut ledger = Ledger::open(now, loaded);
@@ -750,6 +766,8 @@ struct AccountRow {
     plan: Option<String>,
     plan_limits: Option<Json<Vec<StoredLimit>>>,
     updated_at: Timestamp,
+    /// The database's clock when the row was read (`None` for an account not in the database yet).
+    db_now: Option<Timestamp>,
 }
 
 impl AccountRow {
@@ -763,6 +781,7 @@ impl AccountRow {
             plan: None,
             plan_limits: None,
             updated_at: NEVER_WRITTEN,
+            db_now: None,
         }
     }
 
@@ -963,7 +982,7 @@ async fn select_accounts(
                       (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount, 'burst', pl.burst))
                        FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
                         AS "plan_limits?: Json<Vec<StoredLimit>>",
-                      l.updated_at AS "updated_at!"
+                      l.updated_at AS "updated_at!", clock_timestamp() AS "db_now?"
                FROM locked l
                LEFT JOIN key_plans kp ON kp.key_id = l.key_id
                LEFT JOIN plans p ON p.id = kp.plan_id"#,
@@ -982,7 +1001,7 @@ async fn select_accounts(
                       (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount, 'burst', pl.burst))
                        FROM plan_limits pl WHERE pl.plan_id = p.id AND pl.unit = l.unit)
                         AS "plan_limits?: Json<Vec<StoredLimit>>",
-                      l.updated_at AS "updated_at!"
+                      l.updated_at AS "updated_at!", clock_timestamp() AS "db_now?"
                FROM accounts l
                LEFT JOIN key_plans kp ON kp.key_id = l.key_id
                LEFT JOIN plans p ON p.id = kp.plan_id

@@ -1,6 +1,7 @@
 //! One test binary: end-to-end tests against the server in-process, database tests, the model test.
 
 mod auth;
+mod clock;
 mod concurrency;
 mod db;
 mod decoding;

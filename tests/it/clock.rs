@@ -1,0 +1,58 @@
+//! One clock: two replicas whose own clocks differ by a day decide every window at the database's clock.
+
+use std::sync::Arc;
+
+use allowance::clock::Clock;
+use allowance::domain::Timestamp;
+use allowance::grpc::pb;
+use allowance::storage::postgres::PgStore;
+use chrono::TimeDelta;
+use sqlx::PgPool;
+
+use crate::helpers::call::{reserve, set_limit};
+use crate::helpers::{TestServer, second_pool};
+use crate::quotas::{calendar, limit, limits, put_limit};
+
+/// The real time moved by a fixed offset: a replica whose clock is wrong.
+struct Skewed(TimeDelta);
+
+impl Clock for Skewed {
+    fn now(&self) -> Timestamp {
+        allowance::clock::SystemClock.now() + self.0
+    }
+}
+
+async fn replica(pool: &PgPool, skew: TimeDelta) -> TestServer {
+    let store = PgStore::new(second_pool(pool, 4).await).with_database_clock();
+    TestServer::start(store, Arc::new(Skewed(skew))).await
+}
+
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn replicas_a_day_apart_agree_on_every_window(pool: PgPool) {
+    let behind = replica(&pool, TimeDelta::zero()).await;
+    let ahead = replica(&pool, TimeDelta::days(1)).await;
+    let (mut a, mut b) = (behind.client.clone(), ahead.client.clone());
+    set_limit(&mut a, "k", pb::Window::Daily, 100).await;
+    let today = limit("today", calendar(pb::CalendarUnit::Day, "2000-01-01T00:00:00Z", "UTC"), Some(150));
+    put_limit(&mut a, "k", today).await.unwrap();
+
+    assert!(reserve(&mut a, "k", "t1", 60).await.allowed);
+    // A day ahead by its own clock, the replica would see t1 aged out of the rolling day and count from a
+    // new calendar day: it must not.
+    let denied = reserve(&mut b, "k", "t2", 60).await;
+    assert!(!denied.allowed, "the second replica decides at the database's clock: 120 > 100");
+    assert!(reserve(&mut b, "k", "t3", 40).await.allowed);
+    assert!(!reserve(&mut a, "k", "t4", 1).await.allowed, "both replicas see 100 held of the daily 100");
+
+    // Holds expire by the database's clock too: 15 minutes, not a day, from now.
+    let usage = limits(&mut b, "k").await;
+    let daily = usage.limits.iter().find(|l| l.name == "daily").unwrap();
+    assert_eq!((daily.held, daily.remaining), (100, 0));
+    let today = usage.limits.iter().find(|l| l.name == "today").unwrap();
+    // The calendar day is the database's today (by its own clock the replica would report tomorrow's).
+    let until_reset = today.resets_at.as_ref().unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!((0..=86_400 + 5).contains(&until_reset), "resets in {until_reset} s");
+    assert_eq!(today.held, 100);
+    behind.stop().await.unwrap();
+    ahead.stop().await.unwrap();
+}
