@@ -962,19 +962,24 @@ async fn select_accounts(
 ) -> Result<Vec<AccountRow>, sqlx::Error> {
     let (keys, units) = key_columns(accounts);
     let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
-    // The locks are taken in the materialised CTE, in key order; the plan lookups join outside it. The id
-    // subquery is a semi-join on the primary key, so the lock step stays one index probe per account.
+    // The locks are taken in the materialised CTE, in id order (one global order: no deadlocks between
+    // batches); the plan lookups join outside it. Every lookup is written so that its only plan is an index
+    // condition: accounts by `key_id = ANY(…)`, transactions by their primary key, the locked rows by
+    // `id = ANY(…)`. A join with the key list, or `ORDER BY key_id`, let a generic plan made on tables
+    // analysed while empty walk a whole index per batch once they had grown (docs/performance.md).
     if for_update {
         sqlx::query_as!(
             AccountRow,
             r#"WITH locked AS MATERIALIZED (
                    SELECT id, key_id, unit, limits, totals, updated_at FROM accounts
-                   WHERE id IN (SELECT a.id FROM accounts a
-                                JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
-                                  ON a.key_id = k.key_id AND a.unit = k.unit
-                                UNION
-                                SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))
-                   ORDER BY key_id, unit
+                   WHERE id = ANY(ARRAY(
+                       SELECT a.id FROM accounts a
+                       WHERE a.key_id = ANY($1) AND a.unit = ANY($2)
+                         AND (a.key_id, a.unit) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
+                       UNION
+                       SELECT t.account_id FROM transactions t
+                       WHERE t.transaction_id = ANY($3) AND t.position = ANY('{0,1,2,3,4,5,6,7}'::int2[])))
+                   ORDER BY id
                    FOR UPDATE)
                SELECT l.id AS "id!", l.key_id AS "key_id!", l.unit AS "unit!",
                       l.limits AS "limits!: Json<Vec<StoredLimit>>", l.totals AS "totals!: Json<Vec<StoredTotals>>",
@@ -1005,11 +1010,13 @@ async fn select_accounts(
                FROM accounts l
                LEFT JOIN key_plans kp ON kp.key_id = l.key_id
                LEFT JOIN plans p ON p.id = kp.plan_id
-               WHERE l.id IN (SELECT a.id FROM accounts a
-                              JOIN UNNEST($1::text[], $2::text[]) AS k(key_id, unit)
-                                ON a.key_id = k.key_id AND a.unit = k.unit
-                              UNION
-                              SELECT t.account_id FROM transactions t WHERE t.transaction_id = ANY($3))"#,
+               WHERE l.id = ANY(ARRAY(
+                   SELECT a.id FROM accounts a
+                   WHERE a.key_id = ANY($1) AND a.unit = ANY($2)
+                     AND (a.key_id, a.unit) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
+                   UNION
+                   SELECT t.account_id FROM transactions t
+                   WHERE t.transaction_id = ANY($3) AND t.position = ANY('{0,1,2,3,4,5,6,7}'::int2[])))"#,
             &keys,
             &units,
             &ids
