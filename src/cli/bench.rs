@@ -76,6 +76,10 @@ pub struct BenchArgs {
     /// Only set the limits, then exit (so the database can be analysed before a measured run).
     #[arg(long)]
     pub setup_only: bool,
+    /// Operations per second over all workers (each worker paces itself); default: as fast as they can. For
+    /// soaks at a steady, modest load.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// gRPC connections to spread the load over.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
@@ -118,6 +122,7 @@ impl Rng {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.concurrency > 0 && args.keys > 0 && args.connections > 0, "counts must be positive");
     anyhow::ensure!((0.0..=1.0).contains(&args.deny_ratio), "--deny-ratio must be between 0 and 1");
+    anyhow::ensure!(args.rate.is_none_or(|r| r.is_finite() && r > 0.0), "--rate must be positive");
     anyhow::ensure!(
         args.amount > 0 && args.amount < args.limit,
         "--amount must be positive and below --limit"
@@ -157,6 +162,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             deny_amount: args.limit.saturating_add(1),
             deny_ratio: args.deny_ratio,
             rng: Rng(0x9E37_79B9_7F4A_7C15 ^ ((w as u64 + 1) * 0xD1B5_4A32_D192_ED03)),
+            pace: args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r)),
         };
         workers.spawn(worker.run(measure_from, end));
     }
@@ -233,13 +239,23 @@ struct Worker {
     deny_amount: i64,
     deny_ratio: f64,
     rng: Rng,
+    /// The time between two operations of this worker, with --rate.
+    pace: Option<Duration>,
 }
 
 impl Worker {
     async fn run(mut self, measure_from: Instant, end: Instant) -> Tally {
         let mut tally = Tally::default();
         let mut n = 0u64;
+        let mut ticks = self.pace.map(|p| {
+            let mut t = tokio::time::interval(p);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
+            if let Some(t) = &mut ticks {
+                t.tick().await;
+            }
             let started = Instant::now();
             if started >= end {
                 return tally;

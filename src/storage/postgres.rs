@@ -38,19 +38,34 @@ pub const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_s
 /// plan at any table size. Two failure modes are ruled out:
 /// - Postgres caches a generic plan per prepared statement and connection; one made while the tables are
 ///   nearly empty (a fresh database, a new partition) seq-scans and hash-joins whole tables and stays cached
-///   as they grow (the benchmark saw four fifths of the throughput lost that way). With seq scans, hash and
-///   merge joins off, the plan built is the index path whatever the statistics say; a table with no usable
-///   index is still scanned (the settings only penalise, never forbid).
+///   as they grow, until the next ANALYZE of the table (the benchmark saw four fifths of the throughput lost
+///   that way). With seq scans, hash and merge joins off, only index paths remain (a table with no usable
+///   index is still scanned: the settings only penalise, never forbid).
 /// - Left to choose, Postgres kept planning every execution afresh (custom plans: their estimates for the
 ///   actual time ranges beat the generic plan's), about 1 ms of planning per batch, more than the batch's
 ///   execution. Since the plan is the index path either way, `force_generic_plan` plans once per connection.
 ///
+/// The settings alone are not enough: a plan made on an empty table may still walk a *whole index* and
+/// filter (costed as one page, it beats one probe per key). So every statement reaches the big tables
+/// (accounts, transactions, key_plans, rate_states) only in shapes whose sole index path is an index
+/// condition: `column = ANY($array)` or `= $param` on an index's leading column, or a one-table subquery
+/// (scalar, or LATERAL with an aggregate or LIMIT, so it is never flattened into a join) correlated on the
+/// index's columns. Never a join of a big table with a key list or another table on the join's column:
+/// that is what walked whole indexes (tests/it/plans.rs shows, by Postgres's own counters, that plans made
+/// on empty tables read a few rows per call after a hundredfold growth).
+///
+/// JIT is off: a disabled seq scan is costed at 10^10, far above `jit_above_cost`, so every statement on a
+/// table without a usable index (the callers table, re-read every two seconds) was JIT-compiled, 30–120 ms
+/// of CPU each time, to read one row (seen with auto_explain in the benchmark). Nothing here runs long enough
+/// to gain from JIT.
+///
 /// Sent as startup parameters: no round trip. Migrations and maintenance connections keep the defaults.
-pub const PLAN_SETTINGS: [(&str, &str); 4] = [
+pub const PLAN_SETTINGS: [(&str, &str); 5] = [
     ("enable_seqscan", "off"),
     ("enable_hashjoin", "off"),
     ("enable_mergejoin", "off"),
     ("plan_cache_mode", "force_generic_plan"),
+    ("jit", "off"),
 ];
 
 /// How a read batch begins: its own snapshot, in the same round trip as BEGIN.
@@ -324,12 +339,14 @@ impl Store for PgStore {
     async fn get_transaction(&self, id: &TransactionId) -> Result<Option<Transaction>, StorageError> {
         let row = sqlx::query_as!(
             TxRow,
-            r#"SELECT t.transaction_id, k.keys AS "keys!", a.unit, t.amount, t.held_amount, t.state, t.created_at,
+            r#"SELECT t.transaction_id,
+                      (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
+                                        ORDER BY t2.position)
+                       FROM transactions t2 WHERE t2.transaction_id = t.transaction_id) AS "keys!",
+                      (SELECT a.unit FROM accounts a WHERE a.id = t.account_id) AS "unit!",
+                      t.amount, t.held_amount, t.state, t.created_at,
                       t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata
-               FROM transactions t JOIN accounts a ON a.id = t.account_id
-               CROSS JOIN LATERAL (SELECT array_agg(a2.key_id::text ORDER BY t2.position) AS keys
-                                   FROM transactions t2 JOIN accounts a2 ON a2.id = t2.account_id
-                                   WHERE t2.transaction_id = t.transaction_id) k
+               FROM transactions t
                WHERE t.transaction_id = $1 AND t.position = 0"#,
             id.as_str()
         )
@@ -351,15 +368,20 @@ impl Store for PgStore {
         };
         let rows = sqlx::query_as!(
             TxRow,
-            r#"SELECT p.transaction_id, k.keys AS "keys!", a.unit, p.amount, p.held_amount, p.state, p.created_at,
-                      p.expires_at, p.committed_at, p.reversed_at, p.committed_late, p.metadata
-               FROM accounts a
-               JOIN transactions t ON t.account_id = a.id
-               JOIN transactions p ON p.transaction_id = t.transaction_id AND p.position = 0
-               CROSS JOIN LATERAL (SELECT array_agg(a2.key_id::text ORDER BY t2.position) AS keys
-                                   FROM transactions t2 JOIN accounts a2 ON a2.id = t2.account_id
-                                   WHERE t2.transaction_id = t.transaction_id) k
-               WHERE a.key_id = $1 AND a.unit = $2
+            r#"SELECT p.transaction_id AS "transaction_id!",
+                      (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
+                                        ORDER BY t2.position)
+                       FROM transactions t2 WHERE t2.transaction_id = t.transaction_id) AS "keys!",
+                      $2::text AS "unit!", p.amount AS "amount!", p.held_amount AS "held_amount!",
+                      p.state AS "state!", p.created_at AS "created_at!", p.expires_at,
+                      p.committed_at, p.reversed_at, p.committed_late AS "committed_late!",
+                      p.metadata AS "metadata!"
+               FROM transactions t
+               -- LIMIT 1 keeps the lookup a subquery of its own (never flattened into a join): its only plan
+               -- is the primary key.
+               CROSS JOIN LATERAL (SELECT * FROM transactions p
+                                   WHERE p.transaction_id = t.transaction_id AND p.position = 0 LIMIT 1) p
+               WHERE t.account_id = (SELECT a.id FROM accounts a WHERE a.key_id = $1 AND a.unit = $2)
                  AND (t.created_at < $3 OR (t.created_at = $3 AND t.transaction_id < $4))
                ORDER BY t.created_at DESC, t.transaction_id DESC
                LIMIT $5"#,
@@ -381,8 +403,8 @@ impl Store for PgStore {
     ) -> Result<Vec<AccountKey>, StorageError> {
         let rows = sqlx::query!(
             r#"SELECT a.key_id, a.unit FROM accounts a
-               WHERE a.id IN (SELECT DISTINCT t.account_id FROM transactions t
-                              WHERE t.state = 1 AND t.expires_at <= $1 LIMIT $2)"#,
+               WHERE a.id = ANY(ARRAY(SELECT DISTINCT t.account_id FROM transactions t
+                                      WHERE t.state = 1 AND t.expires_at <= $1 LIMIT $2))"#,
             now,
             i64::from(limit)
         )
@@ -411,14 +433,15 @@ impl Store for PgStore {
     ) -> Result<Counted, StorageError> {
         let committed_rows = if period.rolling_length().is_some() { i64::from(max_committed) } else { 0 };
         let rows = sqlx::query!(
-            r#"WITH acc AS (SELECT id FROM accounts WHERE key_id = $1 AND unit = $2)
-               SELECT 1::int2 AS "kind!", t.created_at AS "created_at!", t.expires_at, t.amount AS "amount!"
-               FROM transactions t JOIN acc ON t.account_id = acc.id
-               WHERE t.state = 1 AND t.expires_at > $4 AND t.created_at >= $3
+            r#"SELECT 1::int2 AS "kind!", t.created_at AS "created_at!", t.expires_at, t.amount AS "amount!"
+               FROM transactions t
+               WHERE t.account_id = (SELECT id FROM accounts WHERE key_id = $1 AND unit = $2)
+                 AND t.state = 1 AND t.expires_at > $4 AND t.created_at >= $3
                UNION ALL
                (SELECT 2::int2, t.created_at, NULL, t.amount
-                FROM transactions t JOIN acc ON t.account_id = acc.id
-                WHERE t.state = 2 AND t.created_at >= $3
+                FROM transactions t
+                WHERE t.account_id = (SELECT id FROM accounts WHERE key_id = $1 AND unit = $2)
+                  AND t.state = 2 AND t.created_at >= $3
                 ORDER BY t.created_at
                 LIMIT $5)"#,
             account.key_id.as_str(),
@@ -965,8 +988,9 @@ async fn select_accounts(
     // The locks are taken in the materialised CTE, in id order (one global order: no deadlocks between
     // batches); the plan lookups join outside it. Every lookup is written so that its only plan is an index
     // condition: accounts by `key_id = ANY(…)`, transactions by their primary key, the locked rows by
-    // `id = ANY(…)`. A join with the key list, or `ORDER BY key_id`, let a generic plan made on tables
-    // analysed while empty walk a whole index per batch once they had grown (docs/performance.md).
+    // `id = ANY(…)`, a key's plan by a one-table subquery on its primary key. A join with the key list (or
+    // with key_plans), or `ORDER BY key_id`, let a generic plan made on tables analysed while empty walk a
+    // whole index per batch once they had grown (see PLAN_SETTINGS).
     if for_update {
         sqlx::query_as!(
             AccountRow,
@@ -989,8 +1013,7 @@ async fn select_accounts(
                         AS "plan_limits?: Json<Vec<StoredLimit>>",
                       l.updated_at AS "updated_at!", clock_timestamp() AS "db_now?"
                FROM locked l
-               LEFT JOIN key_plans kp ON kp.key_id = l.key_id
-               LEFT JOIN plans p ON p.id = kp.plan_id"#,
+               LEFT JOIN plans p ON p.id = (SELECT kp.plan_id FROM key_plans kp WHERE kp.key_id = l.key_id)"#,
             &keys,
             &units,
             &ids
@@ -1008,8 +1031,7 @@ async fn select_accounts(
                         AS "plan_limits?: Json<Vec<StoredLimit>>",
                       l.updated_at AS "updated_at!", clock_timestamp() AS "db_now?"
                FROM accounts l
-               LEFT JOIN key_plans kp ON kp.key_id = l.key_id
-               LEFT JOIN plans p ON p.id = kp.plan_id
+               LEFT JOIN plans p ON p.id = (SELECT kp.plan_id FROM key_plans kp WHERE kp.key_id = l.key_id)
                WHERE l.id = ANY(ARRAY(
                    SELECT a.id FROM accounts a
                    WHERE a.key_id = ANY($1) AND a.unit = ANY($2)
@@ -1033,7 +1055,7 @@ struct LoadRow {
     i: Option<i64>,
     transaction_id: Option<String>,
     keys: Option<Vec<String>>,
-    key_id: Option<String>,
+    account_id: Option<i64>,
     unit: Option<String>,
     amount: Option<i64>,
     held_amount: Option<i64>,
@@ -1068,11 +1090,13 @@ impl LoadRow {
         .into_domain()
     }
 
-    fn into_expiring(self) -> Result<ExpiringHold, StorageError> {
+    /// A hold of one of the batch's accounts (`owners`: the accounts by row id).
+    fn into_expiring(self, owners: &HashMap<i64, &AccountKey>) -> Result<ExpiringHold, StorageError> {
         let missing = || StorageError::Corrupt("incomplete hold row".into());
+        let owner = self.account_id.and_then(|id| owners.get(&id)).ok_or_else(missing)?;
         Ok(ExpiringHold {
             id: parse_stored(TransactionId::parse(self.transaction_id.ok_or_else(missing)?))?,
-            account: account_key(self.key_id.ok_or_else(missing)?, self.unit.ok_or_else(missing)?)?,
+            account: (*owner).clone(),
             created_at: self.created_at.ok_or_else(missing)?,
             amount: self.amount.ok_or_else(missing)?,
         })
@@ -1131,37 +1155,43 @@ async fn load(
     let rows = sqlx::query_as!(
         LoadRow,
         r#"SELECT 1::int2 AS "kind!", NULL::int8 AS "i?", t.transaction_id AS "transaction_id?",
-                  k.keys AS "keys?", NULL::text AS "key_id?", a.unit AS "unit?", t.amount AS "amount?",
+                  (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
+                                    ORDER BY t2.position)
+                   FROM transactions t2 WHERE t2.transaction_id = t.transaction_id) AS "keys?",
+                  NULL::int8 AS "account_id?",
+                  (SELECT a.unit FROM accounts a WHERE a.id = t.account_id) AS "unit?", t.amount AS "amount?",
                   t.held_amount AS "held_amount?", t.state AS "state?", t.created_at AS "created_at?",
                   t.expires_at AS "expires_at?", t.committed_at AS "committed_at?",
                   t.reversed_at AS "reversed_at?", t.committed_late AS "committed_late?",
                   t.metadata AS "metadata?", NULL::numeric AS "sum_committed?", NULL::numeric AS "sum_held?"
-           FROM transactions t JOIN accounts a ON a.id = t.account_id
-           CROSS JOIN LATERAL (SELECT array_agg(a2.key_id::text ORDER BY t2.position) AS keys
-                               FROM transactions t2 JOIN accounts a2 ON a2.id = t2.account_id
-                               WHERE t2.transaction_id = t.transaction_id) k
+           FROM transactions t
            WHERE t.transaction_id = ANY($1) AND t.position = 0
            UNION ALL
-           SELECT 2::int2, NULL::int8, t.transaction_id, NULL, a.key_id, a.unit, t.amount, t.held_amount, t.state,
-                  t.created_at, t.expires_at, NULL, NULL, NULL, NULL, NULL::numeric, NULL::numeric
-           FROM transactions t JOIN accounts a ON a.id = t.account_id
+           SELECT 2::int2, NULL::int8, t.transaction_id, NULL, t.account_id, NULL, t.amount, t.held_amount,
+                  t.state, t.created_at, t.expires_at, NULL, NULL, NULL, NULL, NULL::numeric, NULL::numeric
+           FROM transactions t
            WHERE t.account_id = ANY($2) AND t.state = 1 AND t.expires_at <= $3
            UNION ALL
            SELECT 3::int2, r.i, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0),
-                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $3), 0)
+                  s.committed, s.held
            FROM UNNEST($4::bigint[], $5::timestamptz[], $6::timestamptz[])
                 WITH ORDINALITY AS r(account_id, after, upto, i)
-           JOIN transactions t
-             ON t.account_id = r.account_id AND t.created_at > r.after AND t.created_at <= r.upto
-           GROUP BY r.i
+           CROSS JOIN LATERAL (
+               SELECT COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0) AS committed,
+                      COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $3), 0) AS held
+               FROM transactions t
+               WHERE t.account_id = r.account_id AND t.created_at > r.after AND t.created_at <= r.upto
+               HAVING count(*) > 0) s
            UNION ALL
            SELECT 4::int2, m.i, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0),
-                  COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $3), 0)
+                  s.committed, s.held
            FROM UNNEST($7::bigint[], $8::timestamptz[]) WITH ORDINALITY AS m(account_id, from_, i)
-           JOIN transactions t ON t.account_id = m.account_id AND t.created_at >= m.from_
-           GROUP BY m.i"#,
+           CROSS JOIN LATERAL (
+               SELECT COALESCE(SUM(t.amount) FILTER (WHERE t.state = 2), 0) AS committed,
+                      COALESCE(SUM(t.amount) FILTER (WHERE t.state = 1 AND t.expires_at > $3), 0) AS held
+               FROM transactions t
+               WHERE t.account_id = m.account_id AND t.created_at >= m.from_
+               HAVING count(*) > 0) s"#,
         &named,
         &row_ids,
         now,
@@ -1173,6 +1203,7 @@ async fn load(
     )
     .fetch_all(&mut **tx)
     .await?;
+    let owners: HashMap<i64, &AccountKey> = account_ids.iter().map(|(key, id)| (*id, key)).collect();
     let mut fresh: HashMap<usize, (i128, i128)> = HashMap::new();
     for row in rows {
         match row.kind {
@@ -1185,7 +1216,7 @@ async fn load(
                 }
                 loaded.transactions.push(tx);
             }
-            2 => loaded.expiring.push(row.into_expiring()?),
+            2 => loaded.expiring.push(row.into_expiring(&owners)?),
             3 => {
                 let (key, period) = row
                     .i
@@ -1278,16 +1309,19 @@ async fn save(
                    reversed_at = u.reversed_at, committed_late = u.late
                FROM UNNEST($13::text[], $14::bigint[], $15::int2[], $16::timestamptz[], $17::timestamptz[],
                            $18::bool[]) AS u(id, amount, state, committed_at, reversed_at, late)
-               WHERE t.transaction_id = u.id
+               WHERE t.transaction_id = ANY($13) AND t.transaction_id = u.id
            ), exp AS (
                UPDATE transactions t SET state = 4
                FROM UNNEST($19::text[], $20::bigint[]) AS e(id, account_id)
-               WHERE t.transaction_id = e.id AND t.account_id = e.account_id AND t.state = 1
+               WHERE t.transaction_id = ANY($19) AND t.transaction_id = e.id AND t.account_id = e.account_id
+                 AND t.state = 1
            ), acc AS (
                UPDATE accounts a SET limits = u.limits, totals = u.totals, updated_at = $24
                FROM UNNEST($21::bigint[], $22::jsonb[], $23::jsonb[]) AS u(id, limits, totals)
-               WHERE a.id = u.id
+               WHERE a.id = ANY($21) AND a.id = u.id
            )
+           -- Each UPDATE finds its rows by `= ANY(…)` on an index (a plan-proof path; see PLAN_SETTINGS)
+           -- and takes their new values from the UNNEST join.
            -- Every data-modifying CTE runs to completion whether or not it is read.
            SELECT count(*) AS "inserted!" FROM ins"#,
         &new.ids,

@@ -11,6 +11,7 @@ mod grpc;
 mod helpers;
 mod lifecycle;
 mod model;
+mod plans;
 pub(crate) mod quotas;
 mod ratelimit;
 mod reconcile;

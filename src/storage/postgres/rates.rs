@@ -32,7 +32,8 @@ pub(super) async fn load(
     // primary key, not by a join with the key list: a plan made while the table was empty (and analysed so)
     // joined the other way round and scanned every state of the table per batch once it had grown — 623
     // checks/s instead of 10,000 in the benchmark. A batch may also lock another unit's state of one of its
-    // keys (the key and unit lists are matched separately); it is then ignored.
+    // keys (the key and unit lists are matched separately); it is then ignored. Accounts and plans are
+    // looked up by one-table subqueries on their keys, never by a join (see PLAN_SETTINGS).
     let rows = sqlx::query!(
         r#"WITH k AS (SELECT * FROM UNNEST($1::text[], $2::text[]) AS k(key_id, unit)),
            s AS MATERIALIZED (
@@ -42,16 +43,18 @@ pub(super) async fn load(
                FOR UPDATE
            )
            SELECT k.key_id AS "key_id!", k.unit AS "unit!",
-                  a.limits AS "limits?: Json<Vec<StoredLimit>>",
+                  (SELECT a.limits FROM accounts a WHERE a.key_id = k.key_id AND a.unit = k.unit)
+                      AS "limits?: Json<Vec<StoredLimit>>",
                   (SELECT jsonb_agg(jsonb_build_object('name', pl.name, 'period', pl.period, 'amount', pl.amount,
                                                        'burst', pl.burst))
-                   FROM key_plans kp JOIN plan_limits pl ON pl.plan_id = kp.plan_id
-                   WHERE kp.key_id = k.key_id AND pl.unit = k.unit AND pl.burst IS NOT NULL)
+                   FROM plan_limits pl
+                   WHERE pl.plan_id = (SELECT kp.plan_id FROM key_plans kp WHERE kp.key_id = k.key_id)
+                     AND pl.unit = k.unit AND pl.burst IS NOT NULL)
                       AS "plan_limits?: Json<Vec<StoredLimit>>",
                   (SELECT jsonb_agg(jsonb_build_object('name', s.name, 'tat', s.tat, 'used', s.used))
                    FROM s WHERE s.key_id = k.key_id AND s.unit = k.unit) AS "states?: Json<Vec<StoredState>>",
                   COALESCE($3, clock_timestamp()) AS "now!"
-           FROM k LEFT JOIN accounts a ON a.key_id = k.key_id AND a.unit = k.unit"#,
+           FROM k"#,
         &keys,
         &units,
         now,
@@ -109,7 +112,7 @@ pub(super) async fn save(conn: &mut PgConnection, book: &RateBook) -> Result<boo
                UPDATE rate_states r SET tat = u.tat, used = u.used
                FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[])
                    AS u(key_id, unit, name, tat, used)
-               WHERE r.key_id = u.key_id AND r.unit = u.unit AND r.name = u.name
+               WHERE r.key_id = ANY($1) AND r.key_id = u.key_id AND r.unit = u.unit AND r.name = u.name
            ), ins AS (
                INSERT INTO rate_states (key_id, unit, name, tat, used)
                SELECT * FROM UNNEST($6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::bigint[])
