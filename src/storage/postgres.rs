@@ -126,6 +126,12 @@ impl PgStore {
         self
     }
 
+    /// `now` where the caller's clock decides, or none where the database's clock does (statements then use
+    /// `COALESCE($n, now())`): so a replica whose own clock is off sweeps and counts holds at the one clock.
+    fn clock_or_database(&self, now: Timestamp) -> Option<Timestamp> {
+        (!self.database_clock).then_some(now)
+    }
+
     /// Rate-limit batches run on `pool`: give it [`PgStore::rate_options`] so that they commit without
     /// waiting for the WAL flush. Never money: spending batches keep the durable pool.
     pub fn with_rate_pool(mut self, pool: PgPool) -> Self {
@@ -404,8 +410,8 @@ impl Store for PgStore {
         let rows = sqlx::query!(
             r#"SELECT a.key_id, a.unit FROM accounts a
                WHERE a.id = ANY(ARRAY(SELECT DISTINCT t.account_id FROM transactions t
-                                      WHERE t.state = 1 AND t.expires_at <= $1 LIMIT $2))"#,
-            now,
+                                      WHERE t.state = 1 AND t.expires_at <= COALESCE($1, now()) LIMIT $2))"#,
+            self.clock_or_database(now),
             i64::from(limit)
         )
         .fetch_all(&self.pool)
@@ -415,8 +421,9 @@ impl Store for PgStore {
 
     async fn open_holds(&self, now: Timestamp) -> Result<u64, StorageError> {
         let n = sqlx::query_scalar!(
-            r#"SELECT count(*) AS "n!" FROM transactions WHERE state = 1 AND expires_at > $1 AND position = 0"#,
-            now
+            r#"SELECT count(*) AS "n!" FROM transactions
+               WHERE state = 1 AND expires_at > COALESCE($1, now()) AND position = 0"#,
+            self.clock_or_database(now)
         )
         .fetch_one(&self.pool)
         .await?;

@@ -56,3 +56,33 @@ async fn replicas_a_day_apart_agree_on_every_window(pool: PgPool) {
     behind.stop().await.unwrap();
     ahead.stop().await.unwrap();
 }
+
+/// A replica a day behind still finds expired holds to sweep, and counts open holds, at the database's clock.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn a_replica_behind_sweeps_and_counts_holds_at_the_database_clock(pool: PgPool) {
+    use allowance::storage::Store;
+
+    let server = replica(&pool, TimeDelta::zero()).await;
+    let mut c = server.client.clone();
+    set_limit(&mut c, "k", pb::Window::Daily, 100).await;
+    assert!(reserve(&mut c, "k", "t1", 10).await.allowed);
+    assert!(reserve(&mut c, "k", "t2", 10).await.allowed);
+    sqlx::query(
+        "UPDATE transactions SET expires_at = now() - interval '1 second' WHERE transaction_id = 't1'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let day_behind = allowance::clock::SystemClock.now() - TimeDelta::days(1);
+    let one_clock = PgStore::new(pool.clone()).with_database_clock();
+    let expired = one_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap();
+    assert_eq!(expired.iter().map(|a| a.key_id.as_str()).collect::<Vec<_>>(), ["k"]);
+    assert_eq!(one_clock.open_holds(day_behind).await.unwrap(), 1, "t2 is open, t1 expired");
+
+    // Without the database's clock the replica's own decides: a day behind, nothing has expired yet.
+    let own_clock = PgStore::new(pool.clone());
+    assert!(own_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap().is_empty());
+    assert_eq!(own_clock.open_holds(day_behind).await.unwrap(), 2);
+    server.stop().await.unwrap();
+}
