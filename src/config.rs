@@ -62,6 +62,12 @@ pub struct ServeConfig {
     /// (report only: a log line per divergence and the allowance_reconcile_divergences gauge); 0 turns it off.
     #[arg(long, env = "ALLOWANCE_RECONCILE_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
+    /// How often partitions of the transaction history are created ahead and old ones dropped, on one
+    /// replica at a time; 0 turns the job off.
+    #[arg(long, env = "ALLOWANCE_HISTORY_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub history_interval: Duration,
+    #[command(flatten)]
+    pub history: HistoryConfig,
     /// Serve without authentication: any client that reaches the port may do anything. For local
     /// development only; logs a warning at start-up.
     #[arg(long, env = "ALLOWANCE_INSECURE_NO_AUTH")]
@@ -112,6 +118,46 @@ impl ServeConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// Retention of history: shared by `allowance serve` and `allowance retention run`.
+#[derive(Debug, Clone, Args)]
+pub struct HistoryConfig {
+    /// How long transactions are kept, e.g. 430d. Never less than the longest spending period configured
+    /// plus the longest hold (30d) plus a day: the service raises a shorter one to that floor with a
+    /// warning; `allowance retention run` refuses it.
+    #[arg(long, env = "ALLOWANCE_RETENTION", default_value = "430d", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// Months of partitions created ahead of the current one.
+    #[arg(long = "partitions-ahead", env = "ALLOWANCE_PARTITIONS_AHEAD", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=24))]
+    pub partitions_ahead: u32,
+    /// Directory where each partition is written as CSV (<partition>.csv) before it is dropped.
+    #[arg(long, env = "ALLOWANCE_EXPORT_DIR", value_name = "DIR")]
+    pub export_dir: Option<std::path::PathBuf>,
+    /// How long audit events are kept, e.g. 730d; 0 keeps them for ever.
+    #[arg(long, env = "ALLOWANCE_AUDIT_RETENTION", default_value = "0s", value_parser = parse_duration)]
+    pub audit_retention: Duration,
+}
+
+impl HistoryConfig {
+    /// The settings of a run; `strict`: refuse a retention below the floor instead of raising it.
+    pub fn settings(&self, strict: bool) -> Result<crate::app::RetentionSettings, String> {
+        let delta = |d: Duration| chrono::TimeDelta::from_std(d).map_err(|e| e.to_string());
+        if let Some(dir) = &self.export_dir
+            && !dir.is_dir()
+        {
+            return Err(format!("ALLOWANCE_EXPORT_DIR {} is not a directory", dir.display()));
+        }
+        Ok(crate::app::RetentionSettings {
+            retention: delta(self.retention)?,
+            ahead_months: self.partitions_ahead,
+            export_dir: self.export_dir.clone(),
+            audit_retention: (!self.audit_retention.is_zero())
+                .then(|| delta(self.audit_retention))
+                .transpose()?,
+            strict,
+        })
     }
 }
 

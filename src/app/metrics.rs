@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use metrics::{counter, describe_counter, describe_histogram, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 
 use super::{Operation, Outcome};
 use crate::domain::{Committed, Rejection, ReserveOutcome, TxState, Unit};
@@ -40,6 +40,18 @@ pub fn describe() {
         "allowance_rate_checks_total",
         "Rate-limit decisions per rule (check_rate for CheckRate) and limit name: allowed, denied or shadow_denied."
     );
+    describe_counter!(
+        "allowance_history_partitions_created_total",
+        "Monthly partitions of the transaction history created ahead of time."
+    );
+    describe_counter!(
+        "allowance_history_partitions_dropped_total",
+        "Partitions of the transaction history dropped by retention (exported first when configured)."
+    );
+    describe_gauge!(
+        "allowance_history_last_success_timestamp_seconds",
+        "When the history job (partitions ahead, retention) last finished without error, Unix seconds."
+    );
     describe_histogram!(
         "allowance_rate_batch_size",
         "Rate checks per database transaction (hits coalesced per key)."
@@ -68,8 +80,23 @@ pub(super) fn storage_error(e: &StorageError) {
         StorageError::Unavailable(_) => "unavailable",
         StorageError::Contended => "contended",
         StorageError::Corrupt(_) => "corrupt",
+        StorageError::Export(_) => "export",
     };
     counter!("allowance_db_errors_total", "kind" => kind).increment(1);
+}
+
+pub(super) fn partitions_created(n: usize) {
+    if n > 0 {
+        counter!("allowance_history_partitions_created_total").increment(n as u64);
+    }
+}
+
+pub(super) fn partitions_dropped(n: usize) {
+    counter!("allowance_history_partitions_dropped_total").increment(n as u64);
+}
+
+pub(super) fn retention_succeeded(at: crate::domain::Timestamp) {
+    gauge!("allowance_history_last_success_timestamp_seconds").set(at.timestamp() as f64);
 }
 
 pub(super) fn expired(holds: u64) {

@@ -21,9 +21,11 @@ mod rates;
 
 pub use rates::{RateBatchConfig, RuleCache, count_decision};
 mod reconcile;
+mod retention;
 
 pub use callers::{CallerCache, DEFAULT_AUDIT_PAGE, IssuedCredential, MAX_AUDIT_PAGE};
 pub use reconcile::Reconciliation;
+pub use retention::{Dropped, RETENTION_MARGIN, RetentionReport, RetentionSettings, format_retention};
 
 pub use metrics::describe as describe_metrics;
 
@@ -100,6 +102,8 @@ pub struct Allowance<S> {
     /// Group commit of rate checks; `None` runs every check as its own batch.
     rate_batcher: Option<rates::RateBatcher>,
     rules: Arc<RuleCache>,
+    /// What the periodic history job does (partitions ahead, retention, audit retention).
+    history: Arc<RetentionSettings>,
 }
 
 impl<S> Clone for Allowance<S> {
@@ -111,6 +115,7 @@ impl<S> Clone for Allowance<S> {
             callers: self.callers.clone(),
             rate_batcher: self.rate_batcher.clone(),
             rules: self.rules.clone(),
+            history: self.history.clone(),
         }
     }
 }
@@ -128,7 +133,18 @@ impl<S: Store> Allowance<S> {
             callers: Arc::new(CallerCache::new(DEFAULT_CALLERS_MAX_AGE)),
             rate_batcher: None,
             rules: Arc::default(),
+            history: Arc::default(),
         }
+    }
+
+    /// Settings of the periodic history job ([`Allowance::retention`]).
+    pub fn with_history(mut self, settings: RetentionSettings) -> Self {
+        self.history = Arc::new(settings);
+        self
+    }
+
+    pub fn history_settings(&self) -> &RetentionSettings {
+        &self.history
     }
 
     /// Authentication refuses once its copy of the callers is older than `max_age` (no refresh succeeded).

@@ -771,7 +771,12 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
         Command::Rules(command) => return super::ratelimit::rules(command).await,
         Command::Ratelimit(command) => return super::ratelimit::check(command).await,
         Command::Audit(command) => return super::admin::audit(command).await,
-        Command::Serve(_) | Command::Migrate(_) | Command::Bench(_) | Command::Reconcile(_) => {
+        Command::Serve(_)
+        | Command::Migrate(_)
+        | Command::Bench(_)
+        | Command::Reconcile(_)
+        | Command::Partitions(_)
+        | Command::Retention(_) => {
             unreachable!("not a client command")
         }
     }

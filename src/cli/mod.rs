@@ -12,6 +12,7 @@ use crate::config::{DatabaseConfig, LogFormat, ServeConfig};
 mod admin;
 mod bench;
 mod client;
+mod history;
 mod output;
 mod ratelimit;
 mod reconcile;
@@ -96,6 +97,12 @@ pub enum Command {
     /// differ. Talks to the database directly.
     #[command(after_help = reconcile::HELP)]
     Reconcile(reconcile::ReconcileArgs),
+    /// The partitions of the transaction history (talks to the database directly).
+    #[command(subcommand)]
+    Partitions(history::PartitionsCommand),
+    /// Drop history older than the retention, exported first if asked (talks to the database directly).
+    #[command(subcommand)]
+    Retention(history::RetentionCommand),
     /// Drive a running server with load and report operations/s, latency percentiles and errors.
     Bench(bench::BenchArgs),
 }
@@ -123,6 +130,8 @@ pub async fn main() -> ExitCode {
         Command::Serve(config) => report(serve::serve(*config).await),
         Command::Migrate(db) => report(serve::migrate(db).await),
         Command::Bench(args) => report(bench::run(args).await),
+        Command::Partitions(command) => report(history::partitions(command).await),
+        Command::Retention(command) => report(history::retention(command).await),
         Command::Reconcile(args) => match reconcile::run(args).await {
             Ok(code) => code,
             Err(e) => {

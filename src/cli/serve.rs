@@ -28,6 +28,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Rate-limit batches commit asynchronously, on connections of their own (see PgStore::rate_options).
     let rate_pool = PgStore::pool_options(config.rate_workers.into())
         .connect_lazy_with(PgStore::rate_options(&config.database.database_url)?);
+    let history =
+        config.history.settings(false).map_err(anyhow::Error::msg).context("invalid configuration")?;
     let store = PgStore::new(pool).with_rate_pool(rate_pool).with_database_clock();
     if config.migrate {
         store.migrate().await.context("applying migrations")?;
@@ -47,6 +49,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let server = Server {
         app: Allowance::new(Arc::new(store.clone()), Arc::new(SystemClock))
             .with_callers_max_age(config.auth_max_staleness)
+            .with_history(history)
             .with_batching(batching)
             .with_rate_batching(RateBatchConfig { workers: config.rate_workers.into(), max_batch: 512 }),
         defaults: Defaults { unit: config.default_unit, hold_ttl: config.default_hold_ttl },
@@ -57,6 +60,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             sweep_interval: config.sweep_interval,
             rules_refresh: config.rules_refresh,
             reconcile_interval: (!config.reconcile_interval.is_zero()).then_some(config.reconcile_interval),
+            history_interval: (!config.history_interval.is_zero()).then_some(config.history_interval),
         },
         auth: if config.insecure_no_auth {
             Authentication::Off

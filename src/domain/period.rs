@@ -165,6 +165,23 @@ impl Period {
         }
     }
 
+    /// The most time one period spans: how far back from `now` a spend it counts can have been created
+    /// (a calendar period's units at their longest, plus an hour for a DST change). For retention's floor.
+    pub fn longest_span(&self) -> TimeDelta {
+        match self {
+            Period::Rolling(length) => *length,
+            Period::Calendar(c) => {
+                let unit = match c.unit {
+                    CalendarUnit::Day => TimeDelta::days(1),
+                    CalendarUnit::Week => TimeDelta::days(7),
+                    CalendarUnit::Month => TimeDelta::days(31),
+                    CalendarUnit::Year => TimeDelta::days(366),
+                };
+                unit * c.count as i32 + TimeDelta::hours(1)
+            }
+        }
+    }
+
     /// The earliest creation time the period counts at `now`, inclusive (for range queries).
     pub fn counts_from(&self, now: Timestamp) -> Timestamp {
         match self {

@@ -44,6 +44,9 @@ pub struct Lifecycle {
     /// How often every account's totals are checked against the ledger (on one replica at a time; report
     /// only, never repaired); `None`: never.
     pub reconcile_interval: Option<Duration>,
+    /// How often partitions are created ahead and old history dropped (on one replica at a time, with the
+    /// app's [`RetentionSettings`](crate::app::RetentionSettings)); `None`: never.
+    pub history_interval: Option<Duration>,
 }
 
 impl Default for Lifecycle {
@@ -55,6 +58,7 @@ impl Default for Lifecycle {
             sweep_interval: Duration::from_secs(15),
             rules_refresh: Duration::from_secs(2),
             reconcile_interval: Some(Duration::from_secs(3600)),
+            history_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -102,6 +106,7 @@ impl<S: Store> Server<S> {
             sweep_interval,
             rules_refresh,
             reconcile_interval,
+            history_interval,
         } = self.lifecycle;
         // Background loops stop with this token, once the server has stopped serving.
         let stopped = CancellationToken::new();
@@ -117,6 +122,8 @@ impl<S: Store> Server<S> {
         let sweeper = tokio::spawn(sweep(self.app.clone(), sweep_interval, stopped.clone()));
         let reconciler = reconcile_interval
             .map(|every| tokio::spawn(reconcile(self.app.clone(), every, shutdown.clone())));
+        let historian =
+            history_interval.map(|every| tokio::spawn(history(self.app.clone(), every, shutdown.clone())));
         let (auth_layer, refresher) = match self.auth {
             Authentication::Off => {
                 tracing::warn!("authentication is OFF: any client that reaches the port may do anything");
@@ -194,6 +201,9 @@ impl<S: Store> Server<S> {
         rules.abort();
         if let Some(reconciler) = reconciler {
             reconciler.abort();
+        }
+        if let Some(historian) = historian {
+            historian.abort();
         }
         if let Some(refresher) = refresher {
             refresher.abort();
@@ -334,6 +344,36 @@ async fn reconcile<S: Store>(app: Allowance<S>, interval: Duration, shutdown: Ca
                 counter!("allowance_reconcile_runs_total", "result" => "error").increment(1);
                 tracing::warn!(error = %e, "reconciliation failed; trying again next round");
             }
+        }
+    }
+}
+
+/// At start and then every `interval`, creates history partitions ahead and drops those past retention —
+/// on one replica at a time (the advisory lock of [`Store::exclusively`]; a replica that finds it taken
+/// skips the round). A failed run logs a warning and is tried again next round. Stops when shutdown begins.
+async fn history<S: Store>(app: Allowance<S>, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        let settings = app.history_settings().clone();
+        let run = app.store().exclusively(crate::storage::HISTORY_JOB, app.retention(&settings, false));
+        let report = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            report = run => report,
+        };
+        match report {
+            Ok(Some(Ok(report))) => tracing::info!(
+                created = ?report.created,
+                dropped = ?report.dropped.iter().map(|d| &d.name).collect::<Vec<_>>(),
+                kept = ?report.kept,
+                audit_deleted = report.audit_deleted,
+                "history partitions and retention done"
+            ),
+            Ok(None) => tracing::debug!("the history job runs on another replica; skipped"),
+            Ok(Some(Err(e))) => tracing::warn!(error = %e, "history job failed; trying again next round"),
+            Err(e) => tracing::warn!(error = %e, "history job failed; trying again next round"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }

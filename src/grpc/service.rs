@@ -56,8 +56,8 @@ impl From<Error> for Status {
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "storage unavailable");
                 Status::unavailable("storage is unavailable; retry later")
             }
-            Error::Storage(e @ StorageError::Corrupt(_)) => {
-                tracing::error!(error = %e, "storage returned invalid data");
+            Error::Storage(e @ (StorageError::Corrupt(_) | StorageError::Export(_))) => {
+                tracing::error!(error = %e, "storage returned invalid data or failed an export");
                 Status::internal("internal error")
             }
         }

@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use super::{Access, BatchOutput, Cursor, PlanDeletion, PlanInfo, StorageError, Store, sorted_unique};
+use super::{
+    Access, BatchOutput, Cursor, HistoryPartition, PartitionDrop, PlanDeletion, PlanInfo, StorageError,
+    Store, sorted_unique,
+};
 use crate::domain::rate::{RateBook, RateState};
 use crate::domain::rules::Rule;
 use crate::domain::{
@@ -54,6 +57,23 @@ impl MemoryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accounts in key order after `after` that `keep` selects, at most `limit`.
+    fn accounts_page(
+        &self,
+        after: Option<&AccountKey>,
+        limit: u32,
+        keep: impl Fn(&Account) -> bool,
+    ) -> Vec<AccountKey> {
+        let state = self.lock();
+        state
+            .accounts
+            .values()
+            .filter(|a| after.is_none_or(|k| a.key > *k) && keep(a))
+            .take(limit as usize)
+            .map(|a| a.key.clone())
+            .collect()
     }
 }
 
@@ -427,14 +447,7 @@ impl Store for MemoryStore {
         after: Option<&AccountKey>,
         limit: u32,
     ) -> Result<Vec<AccountKey>, StorageError> {
-        let state = self.lock();
-        Ok(state
-            .accounts
-            .keys()
-            .filter(|k| after.is_none_or(|a| *k > a))
-            .take(limit as usize)
-            .cloned()
-            .collect())
+        Ok(self.accounts_page(after, limit, |_| true))
     }
 
     async fn exclusively<J>(&self, name: &'static str, job: J) -> Result<Option<J::Output>, StorageError>
@@ -447,6 +460,50 @@ impl Store for MemoryStore {
         }
         let _running = JobGuard { jobs: &self.jobs, name };
         Ok(Some(job.await))
+    }
+
+    /// History in memory is one unpartitioned list: nothing to create or drop (retention is a no-op).
+    async fn history_partitions(&self) -> Result<Vec<HistoryPartition>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    async fn create_history_partitions(
+        &self,
+        _from: Timestamp,
+        _to: Timestamp,
+    ) -> Result<Vec<String>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    async fn drop_history_partition(
+        &self,
+        _name: &str,
+        _export_dir: Option<&std::path::Path>,
+    ) -> Result<PartitionDrop, StorageError> {
+        Ok(PartitionDrop::NotFound)
+    }
+
+    async fn longest_spending_period(&self) -> Result<Option<chrono::TimeDelta>, StorageError> {
+        let state = self.lock();
+        let own = state.accounts.values().flat_map(|a| a.limits.values());
+        let planned = state.plans.values().flat_map(|p| p.limits.values().flatten());
+        Ok(own.chain(planned).filter(|l| !l.is_rate()).map(|l| l.period.longest_span()).max())
+    }
+
+    async fn accounts_written_before(
+        &self,
+        before: Timestamp,
+        after: Option<&AccountKey>,
+        limit: u32,
+    ) -> Result<Vec<AccountKey>, StorageError> {
+        Ok(self.accounts_page(after, limit, |a| !a.totals.is_empty() && a.as_of.is_none_or(|t| t < before)))
+    }
+
+    async fn delete_audit_events_before(&self, before: Timestamp) -> Result<u64, StorageError> {
+        let mut state = self.lock();
+        let n = state.audit.len();
+        state.audit.retain(|e| e.at >= before);
+        Ok((n - state.audit.len()) as u64)
     }
 
     async fn ready(&self) -> Result<(), StorageError> {

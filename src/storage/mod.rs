@@ -3,6 +3,8 @@
 
 use std::future::Future;
 
+use chrono::TimeDelta;
+
 use crate::domain::rate::RateBook;
 use crate::domain::rules::Rule;
 use crate::domain::{
@@ -24,6 +26,9 @@ pub enum StorageError {
     /// A stored value does not fit the domain (a bug or a hand edit).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// Writing an export of history failed (the directory, the disk).
+    #[error("export failed: {0}")]
+    Export(String),
 }
 
 impl StorageError {
@@ -35,7 +40,7 @@ impl StorageError {
             StorageError::Unavailable(e) => {
                 e.as_database_error().is_some_and(|d| refused_statement(d.code().as_deref()))
             }
-            StorageError::Contended | StorageError::Corrupt(_) => false,
+            StorageError::Contended | StorageError::Corrupt(_) | StorageError::Export(_) => false,
         }
     }
 }
@@ -76,6 +81,39 @@ impl Access {
 
 /// Names of jobs that run on one replica at a time ([`Store::exclusively`]).
 pub const RECONCILE_JOB: &str = "reconcile";
+/// Creating partitions ahead and dropping old ones ([`crate::app::Retention`]).
+pub const HISTORY_JOB: &str = "history";
+
+/// One partition of the transaction history (a range of `created_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPartition {
+    pub name: String,
+    /// Inclusive; `None`: from the beginning of time (or the default partition).
+    pub from: Option<Timestamp>,
+    /// Exclusive; `None`: the default partition, which takes every row outside the others.
+    pub to: Option<Timestamp>,
+    pub is_default: bool,
+    /// Detached from the history by a retention run that did not finish (export or drop pending): the next
+    /// run finishes it.
+    pub detached: bool,
+    /// The planner's estimate (-1 before the first ANALYZE).
+    pub rows_estimate: i64,
+}
+
+/// What [`Store::drop_history_partition`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartitionDrop {
+    /// Gone, with how many rows it held and the CSV file they were exported to.
+    Dropped {
+        rows: u64,
+        exported: Option<std::path::PathBuf>,
+    },
+    /// Kept: it still holds open holds.
+    OpenHolds(u64),
+    /// Kept: the default partition is never dropped.
+    Default,
+    NotFound,
+}
 
 /// What one run of a batch returned, with what the refresh found along the way.
 #[derive(Debug)]
@@ -264,6 +302,46 @@ pub trait Store: Send + Sync + 'static {
     where
         J: Future + Send,
         J::Output: Send;
+
+    /// The partitions of the transaction history, oldest first (the default one last), with any left
+    /// detached by an unfinished retention run.
+    fn history_partitions(&self) -> impl Future<Output = Result<Vec<HistoryPartition>, StorageError>> + Send;
+
+    /// Creates the monthly (UTC) partitions that `[from, to)` needs and no partition covers yet, moving any
+    /// rows of their ranges out of the default partition. Returns the names created.
+    fn create_history_partitions(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> impl Future<Output = Result<Vec<String>, StorageError>> + Send;
+
+    /// Detaches the partition `name` (unless it holds open holds, or is the default), writes its rows as CSV
+    /// to `<export_dir>/<name>.csv` when given (through `<name>.csv.partial`, synced, then renamed), and drops
+    /// it. A partition left detached by an earlier run is exported and dropped the same way.
+    fn drop_history_partition(
+        &self,
+        name: &str,
+        export_dir: Option<&std::path::Path>,
+    ) -> impl Future<Output = Result<PartitionDrop, StorageError>> + Send;
+
+    /// The longest span of any spending limit (a key's own or a plan's; rate limits keep no history).
+    fn longest_spending_period(&self)
+    -> impl Future<Output = Result<Option<TimeDelta>, StorageError>> + Send;
+
+    /// Accounts with running totals that no batch has written since `before`, in key order after `after`, at
+    /// most `limit`: those a refresh must age before history they may still subtract is dropped.
+    fn accounts_written_before(
+        &self,
+        before: Timestamp,
+        after: Option<&AccountKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<AccountKey>, StorageError>> + Send;
+
+    /// Deletes audit events older than `before`, a batch at a time; returns how many.
+    fn delete_audit_events_before(
+        &self,
+        before: Timestamp,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// Connection pool figures, where there is a pool.
     fn pool_stats(&self) -> Option<PoolStats> {

@@ -11,7 +11,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction as PgTx};
 
 use super::{
-    Access, BatchOutput, Cursor, PlanDeletion, PlanInfo, PoolStats, StorageError, Store, sorted_unique,
+    Access, BatchOutput, Cursor, HistoryPartition, PartitionDrop, PlanDeletion, PlanInfo, PoolStats,
+    StorageError, Store, sorted_unique,
 };
 use crate::domain::{
     Account, AccountKey, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Changes, Counted,
@@ -20,6 +21,7 @@ use crate::domain::{
 };
 
 mod audit;
+mod history;
 mod rates;
 
 /// Embedded migrations, the same files `sqlx migrate run` applies.
@@ -677,6 +679,43 @@ impl Store for PgStore {
         Ok(Some(out))
     }
 
+    async fn history_partitions(&self) -> Result<Vec<HistoryPartition>, StorageError> {
+        history::partitions(&self.pool).await
+    }
+
+    async fn create_history_partitions(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<String>, StorageError> {
+        history::create(&self.pool, from, to).await
+    }
+
+    async fn drop_history_partition(
+        &self,
+        name: &str,
+        export_dir: Option<&std::path::Path>,
+    ) -> Result<PartitionDrop, StorageError> {
+        history::drop_partition(&self.pool, name, export_dir).await
+    }
+
+    async fn longest_spending_period(&self) -> Result<Option<chrono::TimeDelta>, StorageError> {
+        history::longest_spending_period(&self.pool).await
+    }
+
+    async fn accounts_written_before(
+        &self,
+        before: Timestamp,
+        after: Option<&AccountKey>,
+        limit: u32,
+    ) -> Result<Vec<AccountKey>, StorageError> {
+        history::accounts_written_before(&self.pool, before, after, limit).await
+    }
+
+    async fn delete_audit_events_before(&self, before: Timestamp) -> Result<u64, StorageError> {
+        history::delete_audit_events_before(&self.pool, before).await
+    }
+
     fn pool_stats(&self) -> Option<PoolStats> {
         Some(PoolStats {
             max: self.pool.options().get_max_connections(),
@@ -1001,9 +1040,16 @@ async fn select_accounts(
     if for_update {
         sqlx::query_as!(
             AccountRow,
-            r#"WITH locked AS MATERIALIZED (
+            r#"WITH ids AS MATERIALIZED (
+                   -- Serialises every batch naming one of these transaction ids until it commits, in hash
+                   -- order: the primary key includes the partition key, so it no longer keeps an id unique
+                   -- across partitions. A batch that inserts a new id holds its lock from here, before the
+                   -- load looks the id up, to its commit.
+                   SELECT count(pg_advisory_xact_lock(h.h)) AS n
+                   FROM (SELECT DISTINCT hashtextextended(i, 0) AS h FROM UNNEST($3::text[]) i ORDER BY 1) h
+               ), locked AS MATERIALIZED (
                    SELECT id, key_id, unit, limits, totals, updated_at FROM accounts
-                   WHERE id = ANY(ARRAY(
+                   WHERE (SELECT n FROM ids) >= 0 AND id = ANY(ARRAY(
                        SELECT a.id FROM accounts a
                        WHERE a.key_id = ANY($1) AND a.unit = ANY($2)
                          AND (a.key_id, a.unit) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
@@ -1308,7 +1354,9 @@ async fn save(
                SELECT * FROM UNNEST($1::text[], $2::int2[], $3::bigint[], $4::bigint[], $5::bigint[],
                                     $6::int2[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
                                     $10::timestamptz[], $11::bool[], $12::jsonb[])
-               ON CONFLICT (transaction_id, position) DO NOTHING
+               -- Ids are unique across partitions by the advisory locks of `select_accounts`; this only
+               -- guards the (transaction_id, position, created_at) key.
+               ON CONFLICT DO NOTHING
                RETURNING 1
            ), upd AS (
                UPDATE transactions t

@@ -40,6 +40,7 @@ pub fn lifecycle() -> Lifecycle {
         sweep_interval: Duration::from_secs(3600),
         rules_refresh: Duration::from_millis(100),
         reconcile_interval: None,
+        history_interval: None,
     }
 }
 

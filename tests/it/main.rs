@@ -9,6 +9,7 @@ mod drill;
 mod fuzz;
 mod grpc;
 mod helpers;
+mod history;
 mod lifecycle;
 mod model;
 mod plans;

@@ -17,8 +17,10 @@ use crate::helpers::call::{commit, reserve, reserve_req, reverse, set_limit};
 use crate::helpers::{TestServer, channel, epoch};
 use crate::quotas::{limit, limits, put_limit, rolling};
 
-/// The big tables: everything the serving path finds by key.
-const TABLES: &str = "'accounts', 'transactions', 'rate_states', 'key_plans'";
+/// The big tables: everything the serving path finds by key. `transactions` is partitioned: its rows and
+/// index entries are counted under each partition's own name (`transactions_YYYYMM`, `_legacy`, `_default`).
+const TABLES: &str = "'accounts', 'rate_states', 'key_plans'";
+const PARTITIONS: &str = r"relname LIKE 'transactions\_%'";
 
 /// Every kind of call the serving path makes, on keys named with `round`.
 async fn every_call(server: &TestServer, round: &str, clock: &ManualClock) {
@@ -61,16 +63,36 @@ async fn flush_counters(serving: &PgPool) {
 /// Index entries and heap rows read by scans of the big tables since the counters were reset.
 async fn rows_read(pool: &PgPool) -> i64 {
     let q = format!(
-        "SELECT (SELECT COALESCE(sum(idx_tup_read), 0) FROM pg_stat_user_indexes WHERE relname IN ({TABLES}))::int8
-              + (SELECT COALESCE(sum(seq_tup_read), 0) FROM pg_stat_user_tables WHERE relname IN ({TABLES}))::int8"
+        "SELECT (SELECT COALESCE(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
+                 WHERE relname IN ({TABLES}) OR {PARTITIONS})::int8
+              + (SELECT COALESCE(sum(seq_tup_read), 0) FROM pg_stat_user_tables
+                 WHERE relname IN ({TABLES}) OR {PARTITIONS})::int8"
     );
     sqlx::query_scalar(&q).fetch_one(pool).await.unwrap()
 }
 
 #[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
 async fn plans_made_on_empty_tables_still_find_rows_by_index_after_growth(pool: PgPool) {
-    // Statistics frozen as a fresh database has them: analysed empty, and no autovacuum to refresh them.
-    for table in ["accounts", "transactions", "rate_states", "key_plans", "plans", "plan_limits"] {
+    // New, empty partitions for the month the grown history lies in and the month the calls run in, as the
+    // service creates them ahead of time: plans are made while they are empty.
+    for (name, from, to) in [
+        ("transactions_202912", "2029-12-01", "2030-01-01"),
+        ("transactions_203001", "2030-01-01", "2030-02-01"),
+    ] {
+        sqlx::query("SELECT transactions_create_partition($1, $2::timestamptz, $3::timestamptz)")
+            .bind(name)
+            .bind(from)
+            .bind(to)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let partitions: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM transactions_partitions").fetch_all(&pool).await.unwrap();
+    // Statistics frozen as a fresh database has them: analysed empty, and no autovacuum to refresh them
+    // (a partitioned table holds no storage parameters: its partitions do).
+    let tables = ["accounts", "rate_states", "key_plans", "plans", "plan_limits"];
+    for table in tables.iter().copied().chain(partitions.iter().map(String::as_str)) {
         sqlx::query(&format!("ALTER TABLE {table} SET (autovacuum_enabled = off)"))
             .execute(&pool)
             .await
@@ -104,6 +126,16 @@ async fn plans_made_on_empty_tables_still_find_rows_by_index_after_growth(pool: 
         let q = if statement.contains("$1") { q.bind(clock.now()) } else { q };
         q.execute(&pool).await.unwrap();
     }
+    let grown: String = sqlx::query_scalar(
+        "SELECT tableoid::regclass::text FROM transactions WHERE transaction_id = 'grown-1'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        ["transactions_202912", "transactions_203001"].contains(&grown.as_str()),
+        "the history grew in {grown}, not a partition analysed while empty"
+    );
     flush_counters(&serving).await;
     sqlx::query("SELECT pg_stat_reset()").execute(&pool).await.unwrap();
     let before = rows_read(&pool).await;

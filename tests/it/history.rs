@@ -1,0 +1,259 @@
+//! History partitioned by month, and retention: the migration on a populated database, rows landing in the
+//! right partitions, ids unique across partitions, old partitions exported and dropped (never below the
+//! floor, never with open holds), one replica at a time.
+
+use std::sync::Arc;
+
+use allowance::app::{Allowance, Error, RetentionSettings};
+use allowance::clock::ManualClock;
+use allowance::domain::{
+    AccountKey, Amount, HoldTtl, KeyId, LimitName, LimitSpec, Metadata, Period, Rejection, Reserve,
+    ReserveOutcome, TransactionId, Unit,
+};
+use allowance::storage::postgres::PgStore;
+use allowance::storage::{HISTORY_JOB, Store};
+use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use sqlx::PgPool;
+
+use crate::helpers::actor;
+
+const BEFORE: [&str; 5] = [
+    include_str!("../../migrations/20261122000001_ledger.sql"),
+    include_str!("../../migrations/20261122000002_transactions_statistics.sql"),
+    include_str!("../../migrations/20261201000001_limits_as_data.sql"),
+    include_str!("../../migrations/20261202000001_callers_and_audit.sql"),
+    include_str!("../../migrations/20261202000002_rate_limits.sql"),
+];
+const PARTITIONED: &str = include_str!("../../migrations/20261203000001_partitioned_history.sql");
+
+fn at(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
+}
+
+fn account(key: &str) -> AccountKey {
+    AccountKey::new(KeyId::parse(key).unwrap(), Unit::parse("usd").unwrap())
+}
+
+fn reserve(key: &str, id: &str, amount: i64, commit: bool) -> Reserve {
+    Reserve {
+        transaction_id: TransactionId::parse(id).unwrap(),
+        accounts: vec![account(key)],
+        amount: Amount::parse("amount", amount).unwrap(),
+        hold_ttl: HoldTtl::parse(TimeDelta::minutes(15)).unwrap(),
+        commit,
+        metadata: Metadata::default(),
+    }
+}
+
+fn app(pool: &PgPool, clock: &ManualClock) -> Allowance<PgStore> {
+    Allowance::new(Arc::new(PgStore::new(pool.clone())), Arc::new(clock.clone()))
+}
+
+async fn allowed(app: &Allowance<PgStore>, r: Reserve) -> bool {
+    match app.reserve(r).await.unwrap() {
+        ReserveOutcome::Allowed { replayed, .. } => !replayed,
+        ReserveOutcome::Denied { .. } => panic!("denied"),
+    }
+}
+
+async fn replayed(app: &Allowance<PgStore>, r: Reserve) -> bool {
+    matches!(app.reserve(r).await.unwrap(), ReserveOutcome::Allowed { replayed: true, .. })
+}
+
+async fn refused_as_existing(app: &Allowance<PgStore>, r: Reserve) -> bool {
+    matches!(app.reserve(r).await, Err(Error::Rejected(Rejection::AlreadyExists(_))))
+}
+
+/// The partition holding a transaction's row.
+async fn partition_of(pool: &PgPool, id: &str) -> String {
+    sqlx::query_scalar("SELECT tableoid::regclass::text FROM transactions WHERE transaction_id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn put_limit(app: &Allowance<PgStore>, key: &str, days: i64, amount: i64) {
+    let spec = LimitSpec::new(
+        LimitName::parse("limit").unwrap(),
+        Period::rolling(TimeDelta::days(days)).unwrap(),
+        Some(amount),
+    )
+    .unwrap();
+    app.put_limit(account(key), spec, actor()).await.unwrap();
+}
+
+async fn spent(app: &Allowance<PgStore>, key: &str) -> i128 {
+    let usage = app.get_limits(account(key)).await.unwrap();
+    usage.limits.iter().find(|l| l.name.as_str() == "limit").unwrap().spent
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_migration_keeps_every_row_total_and_id_of_a_populated_database(pool: PgPool) {
+    for m in BEFORE {
+        sqlx::raw_sql(m).execute(&pool).await.unwrap();
+    }
+    let clock = ManualClock::new(at(2026, 11, 20, 12));
+    let before = app(&pool, &clock);
+    put_limit(&before, "k", 30, 1_000).await;
+    for i in 0..50 {
+        assert!(allowed(&before, reserve("k", &format!("t{i}"), 10, true)).await);
+        clock.advance(TimeDelta::hours(1));
+    }
+    assert!(allowed(&before, reserve("k", "held", 7, false)).await);
+    sqlx::raw_sql(PARTITIONED).execute(&pool).await.unwrap();
+
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 51);
+    assert_eq!(partition_of(&pool, "t0").await, "transactions_legacy");
+    let after = app(&pool, &clock);
+    assert_eq!(spent(&after, "k").await, 500);
+    // Idempotency across the migration: the same request is a replay, a different one is refused.
+    assert!(replayed(&after, reserve("k", "t3", 10, true)).await);
+    assert!(refused_as_existing(&after, reserve("k", "t3", 11, true)).await);
+    after.commit(TransactionId::parse("held").unwrap(), None, actor()).await.unwrap();
+    assert_eq!(spent(&after, "k").await, 507);
+    assert!(after.reconcile(None).await.unwrap().divergences.is_empty());
+}
+
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn rows_land_in_their_month_and_an_id_stays_unique_across_partitions(pool: PgPool) {
+    let clock = ManualClock::new(at(2030, 1, 10, 0));
+    let app = app(&pool, &clock);
+    // No partition covers 2030 yet: the row goes to the default partition, and moves when one is made.
+    assert!(allowed(&app, reserve("k", "early", 5, true)).await);
+    assert_eq!(partition_of(&pool, "early").await, "transactions_default");
+    let created = app.create_partitions(2).await.unwrap();
+    assert_eq!(created, ["transactions_203001", "transactions_203002", "transactions_203003"]);
+    assert_eq!(partition_of(&pool, "early").await, "transactions_203001");
+    assert!(app.create_partitions(2).await.unwrap().is_empty(), "a second run creates nothing");
+
+    clock.set(at(2030, 1, 31, 23) + TimeDelta::minutes(59));
+    assert!(allowed(&app, reserve("k", "january", 5, true)).await);
+    clock.set(at(2030, 2, 1, 0) + TimeDelta::seconds(1));
+    assert!(allowed(&app, reserve("k", "february", 5, true)).await);
+    assert_eq!(partition_of(&pool, "january").await, "transactions_203001");
+    assert_eq!(partition_of(&pool, "february").await, "transactions_203002");
+
+    // The id's first use is in January: in February it is still a replay, or refused if different.
+    assert!(replayed(&app, reserve("k", "january", 5, true)).await);
+    assert!(refused_as_existing(&app, reserve("k", "january", 6, true)).await);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions WHERE transaction_id = 'january'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+/// Two batches reserving one new id at once, at different instants (so in different partitions): one wins.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn concurrent_reservations_of_one_id_in_two_partitions_record_it_once(pool: PgPool) {
+    let january = ManualClock::new(at(2030, 1, 31, 23));
+    let february = ManualClock::new(at(2030, 2, 1, 1));
+    app(&pool, &january).create_partitions(2).await.unwrap();
+    for round in 0..20 {
+        let id = format!("race-{round}");
+        let one = app(&pool, &january);
+        let two = app(&pool, &february);
+        let (a, b) =
+            tokio::join!(one.reserve(reserve("a", &id, 5, true)), two.reserve(reserve("b", &id, 5, true)));
+        let wins = [a, b]
+            .into_iter()
+            .filter(|r| matches!(r, Ok(ReserveOutcome::Allowed { replayed: false, .. })))
+            .count();
+        assert_eq!(wins, 1, "round {round}");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions WHERE transaction_id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 1, "round {round}");
+    }
+}
+
+fn settings(days: i64, export: Option<&std::path::Path>) -> RetentionSettings {
+    RetentionSettings {
+        retention: TimeDelta::days(days),
+        ahead_months: 2,
+        export_dir: export.map(Into::into),
+        audit_retention: None,
+        strict: true,
+    }
+}
+
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn retention_exports_and_drops_old_partitions_but_never_below_the_floor_or_with_open_holds(
+    pool: PgPool,
+) {
+    let clock = ManualClock::new(at(2028, 1, 5, 0));
+    let app = app(&pool, &clock);
+    app.create_partitions(2).await.unwrap();
+    put_limit(&app, "k", 30, 1_000_000).await;
+    for i in 0..3 {
+        assert!(allowed(&app, reserve("k", &format!("old-{i}"), 100, true)).await);
+    }
+    clock.set(at(2028, 2, 5, 0));
+    // A hold nobody commits, reverses or sweeps: its partition must stay.
+    assert!(allowed(&app, reserve("other", "open", 1, false)).await);
+    clock.set(at(2028, 3, 5, 0));
+    assert!(allowed(&app, reserve("k", "recent", 100, true)).await);
+    // "k" is idle from here: its 30-day totals still count "recent" and age it out on the next refresh.
+    clock.set(at(2030, 3, 1, 0));
+
+    // The floor: the longest period (30 days) + the longest hold (30 days) + a day.
+    assert_eq!(app.retention_floor().await.unwrap(), TimeDelta::days(61));
+    let refused = app.retention(&settings(60, None), false).await.unwrap_err();
+    assert!(refused.to_string().contains("below the floor of 61d"), "{refused}");
+    let lenient = RetentionSettings { strict: false, ..settings(1, None) };
+    assert_eq!(app.retention(&lenient, true).await.unwrap().retention, TimeDelta::days(61));
+
+    let dry = app.retention(&settings(430, None), true).await.unwrap();
+    let names: Vec<&str> = dry.dropped.iter().map(|d| d.name.as_str()).collect();
+    assert!(names.contains(&"transactions_202801") && names.contains(&"transactions_202802"), "{names:?}");
+    assert_eq!(partition_of(&pool, "old-0").await, "transactions_202801", "a dry run drops nothing");
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = app.retention(&settings(430, Some(dir.path())), false).await.unwrap();
+    let dropped: Vec<(&str, i64)> = report.dropped.iter().map(|d| (d.name.as_str(), d.rows)).collect();
+    assert!(dropped.contains(&("transactions_202801", 3)), "{dropped:?}");
+    assert!(!dropped.iter().any(|(n, _)| *n == "transactions_202802"));
+    assert_eq!(report.kept, [("transactions_202802".to_owned(), "1 open hold(s)".to_owned())]);
+    assert!(report.refreshed_accounts >= 1);
+    let csv = std::fs::read_to_string(dir.path().join("transactions_202801.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3, "a header and the three rows:\n{csv}");
+    assert!(csv.starts_with("transaction_id,"));
+    assert!(!dir.path().join("transactions_202801.csv.partial").exists());
+    let names: Vec<String> = app.partitions().await.unwrap().into_iter().map(|p| p.name).collect();
+    assert!(!names.contains(&"transactions_202801".to_owned()), "{names:?}");
+    assert!(names.contains(&"transactions_default".to_owned()));
+
+    // The idle account's totals aged past the dropped rows before they went: nothing counts now, and the
+    // ledger agrees.
+    assert_eq!(spent(&app, "k").await, 0);
+    assert!(app.reconcile(None).await.unwrap().divergences.is_empty());
+    // After its partition is dropped, an id is unknown (and may be used again).
+    assert!(app.get_transaction(TransactionId::parse("old-0").unwrap(), &actor()).await.is_err());
+}
+
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn the_history_job_runs_on_one_replica_at_a_time(pool: PgPool) {
+    let one = PgStore::new(crate::helpers::second_pool(&pool, 2).await);
+    let two = app(&crate::helpers::second_pool(&pool, 2).await, &ManualClock::new(at(2030, 1, 1, 0)));
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(async move {
+        one.exclusively(HISTORY_JOB, async move {
+            started_tx.send(()).unwrap();
+            finished.await.unwrap();
+        })
+        .await
+    });
+    started.await.unwrap();
+    let settings = settings(430, None);
+    let run = two.store().exclusively(HISTORY_JOB, two.retention(&settings, false)).await.unwrap();
+    assert!(run.is_none(), "kept out while another replica runs the job");
+    finish.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    let run = two.store().exclusively(HISTORY_JOB, two.retention(&settings, false)).await.unwrap();
+    assert!(run.unwrap().unwrap().created.contains(&"transactions_203001".to_owned()));
+}
