@@ -144,10 +144,11 @@ impl HistoryConfig {
     /// The settings of a run; `strict`: refuse a retention below the floor instead of raising it.
     pub fn settings(&self, strict: bool) -> Result<crate::app::RetentionSettings, String> {
         let delta = |d: Duration| chrono::TimeDelta::from_std(d).map_err(|e| e.to_string());
-        if let Some(dir) = &self.export_dir
-            && !dir.is_dir()
-        {
-            return Err(format!("ALLOWANCE_EXPORT_DIR {} is not a directory", dir.display()));
+        if let Some(dir) = &self.export_dir {
+            // Made if missing (as `mkdir -p` would); a file of that name is an error.
+            std::fs::create_dir_all(dir).map_err(|e| {
+                format!("ALLOWANCE_EXPORT_DIR {}: cannot use it as a directory: {e}", dir.display())
+            })?;
         }
         Ok(crate::app::RetentionSettings {
             retention: delta(self.retention)?,

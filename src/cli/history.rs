@@ -144,8 +144,10 @@ fn print(format: Format, r: &RetentionReport) {
                 "retention": format_retention(r.retention),
                 "cutoff": instant(Some(r.cutoff)),
                 "created": r.created,
+                // A dry run knows only the planner's estimate, none for a table never analysed.
                 "dropped": r.dropped.iter().map(|d| json!({
-                    "name": d.name, "rows": d.rows, "exported": d.exported.as_ref().map(|p| p.display().to_string()),
+                    "name": d.name, "rows": (d.rows >= 0).then_some(d.rows),
+                    "exported": d.exported.as_ref().map(|p| p.display().to_string()),
                 })).collect::<Vec<_>>(),
                 "kept": r.kept.iter().map(|(name, why)| json!({ "name": name, "reason": why })).collect::<Vec<_>>(),
                 "refreshed_accounts": r.refreshed_accounts,
@@ -161,7 +163,9 @@ fn print(format: Format, r: &RetentionReport) {
                     Some(path) => {
                         println!("{verb} {} ({} rows, exported to {})", d.name, d.rows, path.display())
                     }
-                    None => println!("{verb} {} ({} rows)", d.name, d.rows),
+                    None if !r.dry_run => println!("{verb} {} ({} rows)", d.name, d.rows),
+                    None if d.rows < 0 => println!("{verb} {} (rows not yet counted by ANALYZE)", d.name),
+                    None => println!("{verb} {} (about {} rows)", d.name, d.rows),
                 }
             }
             r.kept.iter().for_each(|(name, why)| println!("kept {name}: {why}"));
