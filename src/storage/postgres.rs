@@ -151,8 +151,7 @@ impl PgStore {
 
     async fn begin(&self, access: Access) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let tx =
-            if access.writes() { self.pool.begin().await } else { self.pool.begin_with(BEGIN_READ).await };
+        let tx = begin_on(&self.pool, if access.writes() { "BEGIN" } else { BEGIN_READ }).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         tx
     }
@@ -175,6 +174,9 @@ impl PgStore {
     pub fn pool_options(max_connections: u32) -> PgPoolOptions {
         PgPoolOptions::new()
             .max_connections(max_connections)
+            // No ping (a round trip) before every batch: a connection that died while idle fails on its
+            // BEGIN instead, and `begin_on` takes another.
+            .test_before_acquire(false)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .max_lifetime(CONNECTION_LIFETIME)
     }
@@ -235,6 +237,32 @@ impl PgStore {
     }
 }
 
+/// Connections taken and lost at BEGIN before one works: more than a pool holds, so that every connection a
+/// database restart left dead can be found so.
+const STALE_CONNECTIONS: usize = 64;
+
+/// A transaction begun by `begin` on a connection of `pool`. Pools do not ping a connection before handing it
+/// out, so one may have died while idle (the database restarted, a proxy closed it): its BEGIN fails having
+/// changed nothing, the connection is dropped, and the next one is tried.
+async fn begin_on(pool: &PgPool, begin: &'static str) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
+    let mut lost = 0;
+    loop {
+        match pool.begin_with(begin).await {
+            Err(e) if lost < STALE_CONNECTIONS && connection_lost(&e) => lost += 1,
+            other => return other,
+        }
+    }
+}
+
+/// The connection is gone (closed, reset, or the server ended it), as opposed to the database refusing.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c == "57P01"),
+        _ => false,
+    }
+}
+
 impl PgStore {
     #[tracing::instrument(name = "storage.rate_batch", skip_all, fields(accounts = accounts.len()))]
     async fn rate_attempt<R, F>(
@@ -246,7 +274,7 @@ impl PgStore {
     where
         F: FnMut(&mut crate::domain::rate::RateBook) -> R,
     {
-        let mut tx = self.rates.begin().await?;
+        let mut tx = begin_on(&self.rates, "BEGIN").await?;
         let mut book = rates::load(&mut tx, accounts, now).await?;
         let value = apply(&mut book);
         if !rates::save(&mut tx, &book).await? {
