@@ -646,3 +646,37 @@ async fn drill_sigkill_of_one_of_two_replicas() {
     assert!(outcomes.committed() >= LOAD.clients, "the load ran: {} committed", outcomes.committed());
     verify(&db.pool, &outcomes, Arc::new(SystemClock)).await;
 }
+
+/// The serving pool hands out connections without pinging them first (a round trip per batch saved): a
+/// connection that died while idle — the database restarted, a proxy closed it — must cost no call an error.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn connections_that_died_while_idle_cost_no_call_an_error(pool: PgPool) {
+    use crate::history::{allowed, reserve};
+
+    let options = (*pool.connect_options()).clone().application_name("idle-victim");
+    let serving = PgStore::pool_options(4).connect_with(options).await.unwrap();
+    // The app alone, without a server's background jobs, which would otherwise meet the dead connections first.
+    let app = Allowance::new(Arc::new(PgStore::new(serving.clone())), Arc::new(ManualClock::new(epoch())));
+    // Open every connection of the pool, then end them all while they sit idle.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(serving.acquire().await.unwrap());
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await; // their release (sqlx pings on release)
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = 'idle-victim') t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, 4, "every connection of the serving pool was open and is now ended");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..8 {
+        assert!(
+            allowed(&app, reserve("k", &format!("t{i}"), 1, true)).await,
+            "call {i} after the connections died"
+        );
+    }
+}

@@ -34,7 +34,7 @@ fn account(key: &str) -> AccountKey {
     AccountKey::new(KeyId::parse(key).unwrap(), Unit::parse("usd").unwrap())
 }
 
-fn reserve(key: &str, id: &str, amount: i64, commit: bool) -> Reserve {
+pub fn reserve(key: &str, id: &str, amount: i64, commit: bool) -> Reserve {
     Reserve {
         transaction_id: TransactionId::parse(id).unwrap(),
         accounts: vec![account(key)],
@@ -49,7 +49,7 @@ fn app(pool: &PgPool, clock: &ManualClock) -> Allowance<PgStore> {
     Allowance::new(Arc::new(PgStore::new(pool.clone())), Arc::new(clock.clone()))
 }
 
-async fn allowed(app: &Allowance<PgStore>, r: Reserve) -> bool {
+pub async fn allowed(app: &Allowance<PgStore>, r: Reserve) -> bool {
     match app.reserve(r).await.unwrap() {
         ReserveOutcome::Allowed { replayed, .. } => !replayed,
         ReserveOutcome::Denied { .. } => panic!("denied"),
