@@ -248,7 +248,10 @@ impl Worker {
         let mut tally = Tally::default();
         let mut n = 0u64;
         let mut ticks = self.pace.map(|p| {
-            let mut t = tokio::time::interval(p);
+            // Each worker starts at its own offset within the period: started together, they would all call
+            // at once every period, and a paced load would measure its own bursts.
+            let offset = p.mul_f64(self.rng.below(1 << 20) as f64 / f64::from(1 << 20));
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + offset, p);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });
