@@ -40,6 +40,8 @@ teardown() {
   : >"$BATS_TEST_TMPDIR/file"
   run -1 --separate-stderr allowance retention run --dry-run --export-dir "$BATS_TEST_TMPDIR/file"
   assert_contains "$stderr" "cannot use it as a directory"
+  run -0 allowance retention run --dry-run --export-dir "$BATS_TEST_TMPDIR/missing"
+  [ ! -e "$BATS_TEST_TMPDIR/missing" ] || fail "a dry run made the export directory"
 }
 
 @test "retention: an old partition is exported to CSV, then dropped; an open hold keeps its partition" {

@@ -141,12 +141,22 @@ pub struct HistoryConfig {
 }
 
 impl HistoryConfig {
-    /// The settings of a run; `strict`: refuse a retention below the floor instead of raising it.
-    pub fn settings(&self, strict: bool) -> Result<crate::app::RetentionSettings, String> {
+    /// The settings of a run; `strict`: refuse a retention below the floor instead of raising it;
+    /// `make_export_dir`: make the export directory if missing (as `mkdir -p` would; not for a dry run, which
+    /// makes nothing). A file of that name is an error either way.
+    pub fn settings(
+        &self,
+        strict: bool,
+        make_export_dir: bool,
+    ) -> Result<crate::app::RetentionSettings, String> {
         let delta = |d: Duration| chrono::TimeDelta::from_std(d).map_err(|e| e.to_string());
         if let Some(dir) = &self.export_dir {
-            // Made if missing (as `mkdir -p` would); a file of that name is an error.
-            std::fs::create_dir_all(dir).map_err(|e| {
+            let usable = match make_export_dir {
+                true => std::fs::create_dir_all(dir),
+                false if dir.exists() && !dir.is_dir() => Err(std::io::ErrorKind::NotADirectory.into()),
+                false => Ok(()),
+            };
+            usable.map_err(|e| {
                 format!("ALLOWANCE_EXPORT_DIR {}: cannot use it as a directory: {e}", dir.display())
             })?;
         }

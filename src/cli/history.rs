@@ -123,7 +123,7 @@ pub async fn partitions(command: PartitionsCommand) -> anyhow::Result<()> {
 
 pub async fn retention(command: RetentionCommand) -> anyhow::Result<()> {
     let RetentionCommand::Run { db, dry_run, history } = command;
-    let settings = history.settings(true).map_err(anyhow::Error::msg)?;
+    let settings = history.settings(true, !dry_run).map_err(anyhow::Error::msg)?;
     let (store, app) = connect(&db).await?;
     let run = store.exclusively(HISTORY_JOB, app.retention(&settings, dry_run)).await;
     store.pool().close().await;

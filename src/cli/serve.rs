@@ -29,7 +29,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let rate_pool = PgStore::pool_options(config.rate_workers.into())
         .connect_lazy_with(PgStore::rate_options(&config.database.database_url)?);
     let history =
-        config.history.settings(false).map_err(anyhow::Error::msg).context("invalid configuration")?;
+        config.history.settings(false, true).map_err(anyhow::Error::msg).context("invalid configuration")?;
     let store = PgStore::new(pool).with_rate_pool(rate_pool).with_database_clock();
     if config.migrate {
         store.migrate().await.context("applying migrations")?;
