@@ -14,10 +14,10 @@
 
 use std::path::PathBuf;
 
-use chrono::{Datelike, Months, TimeDelta};
+use chrono::TimeDelta;
 
 use super::{Allowance, Error, metrics};
-use crate::domain::{AccountKey, InvalidArgument, MAX_HOLD_TTL, Timestamp};
+use crate::domain::{AccountKey, InvalidArgument, MAX_HOLD_TTL, Timestamp, utc_month_start};
 use crate::storage::{Access, HistoryPartition, PartitionDrop, Store};
 
 /// Added to the floor: clocks of replicas that disagree, a run late by an interval.
@@ -92,18 +92,20 @@ pub fn format_retention(d: TimeDelta) -> String {
     }
 }
 
-/// The first instant of the UTC month of `at`, moved by `months`.
-fn month_start(at: Timestamp, months: u32) -> Timestamp {
-    let first =
-        at.date_naive().with_day0(0).expect("day 1 exists").and_time(chrono::NaiveTime::MIN).and_utc();
-    first.checked_add_months(Months::new(months)).unwrap_or(first)
+/// The least retention given the longest spending period: that period, the longest hold and the margin.
+fn floor(longest: Option<TimeDelta>) -> TimeDelta {
+    longest.unwrap_or_default() + MAX_HOLD_TTL + RETENTION_MARGIN
 }
 
 impl<S: Store> Allowance<S> {
     /// The least retention: the longest spending period configured plus the longest hold plus a margin.
     pub async fn retention_floor(&self) -> Result<TimeDelta, Error> {
-        let longest = self.store.longest_spending_period().await.inspect_err(metrics::storage_error)?;
-        Ok(longest.unwrap_or_default() + MAX_HOLD_TTL + RETENTION_MARGIN)
+        Ok(floor(self.longest_spending_period().await?))
+    }
+
+    /// The longest spending period configured (one pass over every account's limits).
+    async fn longest_spending_period(&self) -> Result<Option<TimeDelta>, Error> {
+        Ok(self.store.longest_spending_period().await.inspect_err(metrics::storage_error)?)
     }
 
     /// Creates the current month's partition and `ahead_months` after it. Returns the names created.
@@ -111,7 +113,7 @@ impl<S: Store> Allowance<S> {
         let now = self.clock.now();
         let created = self
             .store
-            .create_history_partitions(month_start(now, 0), month_start(now, ahead_months + 1))
+            .create_history_partitions(utc_month_start(now, 0), utc_month_start(now, ahead_months + 1))
             .await
             .inspect_err(metrics::storage_error)?;
         metrics::partitions_created(created.len());
@@ -132,7 +134,8 @@ impl<S: Store> Allowance<S> {
         dry_run: bool,
     ) -> Result<RetentionReport, Error> {
         let now = self.clock.now();
-        let floor = self.retention_floor().await?;
+        let longest = self.longest_spending_period().await?;
+        let floor = floor(longest);
         if settings.retention < floor {
             let floor_text = format_retention(floor);
             let asked = format_retention(settings.retention);
@@ -178,7 +181,7 @@ impl<S: Store> Allowance<S> {
                 .collect();
         } else if !old.is_empty() {
             let newest = old.iter().filter_map(|p| p.to).max().unwrap_or(cutoff);
-            report.refreshed_accounts = self.refresh_idle_accounts(newest, now).await?;
+            report.refreshed_accounts = self.refresh_idle_accounts(newest, longest, now).await?;
             for p in old {
                 let outcome = self
                     .store
@@ -217,8 +220,12 @@ impl<S: Store> Allowance<S> {
 
     /// Refreshes every account with running totals last written before `bound + longest period`: afterwards
     /// no rolling period's aging scan reaches back before `bound`. Returns how many were looked at.
-    async fn refresh_idle_accounts(&self, bound: Timestamp, now: Timestamp) -> Result<u64, Error> {
-        let longest = self.store.longest_spending_period().await.inspect_err(metrics::storage_error)?;
+    async fn refresh_idle_accounts(
+        &self,
+        bound: Timestamp,
+        longest: Option<TimeDelta>,
+        now: Timestamp,
+    ) -> Result<u64, Error> {
         let Some(longest) = longest else { return Ok(0) };
         let before = bound + longest;
         let mut after: Option<AccountKey> = None;

@@ -9,7 +9,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{Days, DurationRound, LocalResult, Months, NaiveDate, NaiveDateTime, TimeDelta, TimeZone, Utc};
+use chrono::{
+    Datelike, Days, DurationRound, LocalResult, Months, NaiveDate, NaiveDateTime, TimeDelta, TimeZone, Utc,
+};
 use chrono_tz::Tz;
 
 use super::{InvalidArgument, Timestamp};
@@ -224,6 +226,13 @@ impl Calendar {
     }
 }
 
+/// The first instant of the UTC month of `at`, moved `months` months on: the bounds of the monthly history
+/// partitions.
+pub fn utc_month_start(at: Timestamp, months: u32) -> Timestamp {
+    let first = at.date_naive().with_day0(0).expect("day 1 exists");
+    first.checked_add_months(Months::new(months)).unwrap_or(first).and_time(chrono::NaiveTime::MIN).and_utc()
+}
+
 fn shift_days(date: NaiveDate, days: i64) -> NaiveDate {
     let shifted = if days >= 0 {
         date.checked_add_days(Days::new(days.unsigned_abs()))
@@ -327,6 +336,14 @@ mod tests {
 
     fn at(s: &str) -> Timestamp {
         chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    #[test]
+    fn utc_month_starts_cross_the_year() {
+        let mid = at("2026-12-31T23:59:59.999999Z");
+        assert_eq!(utc_month_start(mid, 0), at("2026-12-01T00:00:00Z"));
+        assert_eq!(utc_month_start(mid, 1), at("2027-01-01T00:00:00Z"));
+        assert_eq!(utc_month_start(at("2027-01-31T12:00:00+05:00"), 2), at("2027-03-01T00:00:00Z"));
     }
 
     fn cal(unit: CalendarUnit, count: u32, anchor: &str, zone: &str) -> Calendar {

@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use chrono::{Datelike, TimeDelta, TimeZone, Utc};
+use chrono::TimeDelta;
 use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::StreamExt;
 
 use super::{StoredLimit, account_key, stored_limit};
-use crate::domain::{AccountKey, Timestamp};
+use crate::domain::{AccountKey, Timestamp, utc_month_start};
 use crate::storage::{HistoryPartition, PartitionDrop, StorageError};
 
 /// How long a retention run waits for the lock on `transactions` that detaching a partition needs: while it
@@ -51,15 +51,6 @@ pub(super) async fn partitions(pool: &PgPool) -> Result<Vec<HistoryPartition>, S
     Ok(partitions)
 }
 
-/// The first instant of the UTC month containing `at`.
-fn month_start(at: Timestamp) -> Timestamp {
-    Utc.with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0).single().expect("the first of a month exists")
-}
-
-fn next_month(start: Timestamp) -> Timestamp {
-    month_start(start + TimeDelta::days(32))
-}
-
 pub(super) async fn create(
     pool: &PgPool,
     from: Timestamp,
@@ -67,9 +58,9 @@ pub(super) async fn create(
 ) -> Result<Vec<String>, StorageError> {
     let existing = partitions(pool).await?;
     let mut created = Vec::new();
-    let mut month = month_start(from);
+    let mut month = utc_month_start(from, 0);
     while month < to {
-        let end = next_month(month);
+        let end = utc_month_start(month, 1);
         let covered = existing.iter().any(|p| {
             !p.is_default && !p.detached && p.from.is_none_or(|f| f < end) && p.to.is_some_and(|t| t > month)
         });
