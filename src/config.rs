@@ -130,7 +130,7 @@ pub struct HistoryConfig {
     #[arg(long, env = "ALLOWANCE_RETENTION", default_value = "430d", value_parser = parse_duration)]
     pub retention: Duration,
     /// Months of partitions created ahead of the current one.
-    #[arg(long = "partitions-ahead", env = "ALLOWANCE_PARTITIONS_AHEAD", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=24))]
+    #[arg(long = "partitions-ahead", env = "ALLOWANCE_PARTITIONS_AHEAD", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=24))]
     pub partitions_ahead: u32,
     /// Directory where each partition is written as CSV (<partition>.csv) before it is dropped.
     #[arg(long, env = "ALLOWANCE_EXPORT_DIR", value_name = "DIR")]

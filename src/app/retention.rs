@@ -46,7 +46,7 @@ impl Default for RetentionSettings {
     fn default() -> Self {
         Self {
             retention: TimeDelta::days(430),
-            ahead_months: 3,
+            ahead_months: 1,
             export_dir: None,
             audit_retention: None,
             strict: false,

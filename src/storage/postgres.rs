@@ -16,8 +16,8 @@ use super::{
 };
 use crate::domain::{
     Account, AccountKey, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Changes, Counted,
-    ExpiringHold, KeyId, Ledger, LimitName, LimitSpec, Loaded, Metadata, Period, Plan, PlanName, Rejection,
-    Timestamp, Totals, Transaction, TransactionId, TxState, Unit,
+    ExpiringHold, KeyId, Ledger, LimitName, LimitSpec, Loaded, MAX_HOLD_TTL, Metadata, Period, Plan,
+    PlanName, Rejection, Timestamp, Totals, Transaction, TransactionId, TxState, Unit,
 };
 
 mod audit;
@@ -222,13 +222,13 @@ impl PgStore {
             false => now,
         };
         let now = rows.iter().map(|r| r.updated_at).fold(now, Timestamp::max);
-        let (account_ids, loaded) = load(&mut tx, rows, ids, also, now, access.recounts()).await?;
+        let (account_ids, loaded, stored) = load(&mut tx, rows, ids, also, now, access.recounts()).await?;
         let mut ledger = Ledger::open(now, loaded);
         let value = apply(&mut ledger);
         let changes = ledger.into_changes();
         let expired_holds = changes.expired_holds;
         if access.writes() {
-            if !save(&mut tx, &account_ids, changes, now).await? {
+            if !save(&mut tx, &account_ids, &stored, changes, now).await? {
                 return Err(Attempt::Retry);
             }
             tx.commit().await?;
@@ -437,26 +437,44 @@ impl Store for PgStore {
         now: Timestamp,
         limit: u32,
     ) -> Result<Vec<AccountKey>, StorageError> {
+        // Only an account whose last write came before the latest expiry of its holds can have one unreleased
+        // (the cursor of the migration 20261204000001); one whose holds all expired without any left open is
+        // retired here (`holds_until` cleared, unless a batch placed a hold meanwhile), so that it is not
+        // looked at again. Rows are locked in id order, as batches lock them.
         let rows = sqlx::query!(
-            r#"SELECT a.key_id, a.unit FROM accounts a
-               WHERE a.id = ANY(ARRAY(SELECT DISTINCT t.account_id FROM transactions t
-                                      WHERE t.state = 1 AND t.expires_at <= COALESCE($1, now()) LIMIT $2))"#,
+            r#"WITH candidates AS MATERIALIZED (
+                   SELECT a.id, a.key_id, a.unit, a.holds_until,
+                          EXISTS (SELECT 1 FROM transactions t
+                                  WHERE t.account_id = a.id AND t.expires_at > a.updated_at
+                                    AND t.expires_at <= COALESCE($1, now()) AND t.created_at < COALESCE($1, now())
+                                    AND t.created_at > a.updated_at - $3::int8 * interval '1 second' AND t.state = 1)
+                            AS expired
+                   FROM accounts a
+                   WHERE a.updated_at < a.holds_until AND a.updated_at < COALESCE($1, now())
+               ), retired AS (
+                   UPDATE accounts a SET holds_until = NULL
+                   FROM candidates c
+                   WHERE a.id = ANY(ARRAY(SELECT c.id FROM candidates c
+                                          WHERE NOT c.expired AND c.holds_until <= COALESCE($1, now())
+                                          ORDER BY c.id))
+                     AND a.id = c.id AND a.holds_until = c.holds_until
+               )
+               SELECT c.key_id, c.unit FROM candidates c WHERE c.expired LIMIT $2"#,
             self.clock_or_database(now),
-            i64::from(limit)
+            i64::from(limit),
+            MAX_HOLD_TTL.num_seconds(),
         )
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(|r| account_key(r.key_id, r.unit)).collect()
     }
 
-    async fn open_holds(&self, now: Timestamp) -> Result<u64, StorageError> {
-        let n = sqlx::query_scalar!(
-            r#"SELECT count(*) AS "n!" FROM transactions
-               WHERE state = 1 AND expires_at > COALESCE($1, now()) AND position = 0"#,
-            self.clock_or_database(now)
-        )
-        .fetch_one(&self.pool)
-        .await?;
+    async fn open_holds(&self, _now: Timestamp) -> Result<u64, StorageError> {
+        // Counted on each account as holds are placed and settled; a hold past its expiry counts until a
+        // batch of its key, or the sweeper, releases it.
+        let n = sqlx::query_scalar!(r#"SELECT COALESCE(sum(open_holds), 0)::int8 AS "n!" FROM accounts"#)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -1200,16 +1218,21 @@ async fn load(
     also: &[(AccountKey, Period)],
     now: Timestamp,
     recount: bool,
-) -> Result<(HashMap<AccountKey, i64>, Loaded), Attempt> {
+) -> Result<(HashMap<AccountKey, i64>, Loaded, Stored), Attempt> {
     let mut account_ids = HashMap::with_capacity(rows.len());
     let mut loaded = Loaded { also: also.to_vec(), ..Loaded::default() };
+    // Each account's expiry cursor: its holds expiring by its last write have been released (see the
+    // migration 20261204000001). Fresh accounts of a read (id 0) have no rows to find.
+    let (mut row_ids, mut released_to) = (Vec::new(), Vec::new());
     for row in rows {
+        if row.id != 0 {
+            row_ids.push(row.id);
+            released_to.push(row.updated_at);
+        }
         let (id, account) = row.into_domain()?;
         account_ids.insert(account.key.clone(), id);
         loaded.accounts.push(account);
     }
-    // Fresh accounts of a read (id 0) have no rows to find.
-    let row_ids: Vec<i64> = account_ids.values().copied().filter(|id| *id != 0).collect();
     let named: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
     let mut ranges = Vec::new();
     let (mut range_ids, mut afters, mut uptos) = (Vec::new(), Vec::new(), Vec::new());
@@ -1238,7 +1261,8 @@ async fn load(
         r#"SELECT 1::int2 AS "kind!", NULL::int8 AS "i?", t.transaction_id AS "transaction_id?",
                   (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
                                     ORDER BY t2.position)
-                   FROM transactions t2 WHERE t2.transaction_id = t.transaction_id) AS "keys?",
+                   FROM transactions t2
+                   WHERE t2.transaction_id = t.transaction_id AND t2.created_at = t.created_at) AS "keys?",
                   NULL::int8 AS "account_id?",
                   (SELECT a.unit FROM accounts a WHERE a.id = t.account_id) AS "unit?", t.amount AS "amount?",
                   t.held_amount AS "held_amount?", t.state AS "state?", t.created_at AS "created_at?",
@@ -1248,10 +1272,20 @@ async fn load(
            FROM transactions t
            WHERE t.transaction_id = ANY($1) AND t.position = 0
            UNION ALL
-           SELECT 2::int2, NULL::int8, t.transaction_id, NULL, t.account_id, NULL, t.amount, t.held_amount,
-                  t.state, t.created_at, t.expires_at, NULL, NULL, NULL, NULL, NULL::numeric, NULL::numeric
-           FROM transactions t
-           WHERE t.account_id = ANY($2) AND t.state = 1 AND t.expires_at <= $3
+           SELECT 2::int2, h.position::int8, h.transaction_id, NULL, h.account_id, NULL, h.amount,
+                  h.held_amount, h.state, h.created_at, h.expires_at, NULL, NULL, NULL, NULL, NULL::numeric,
+                  NULL::numeric
+           FROM UNNEST($2::bigint[], $9::timestamptz[]) AS c(account_id, released_to)
+           CROSS JOIN LATERAL (
+               SELECT t.* FROM transactions t
+               -- Only holds expiring after the account's cursor. A hold expires after it was created, and at
+               -- most MAX_HOLD_TTL after: the bounds on created_at only prune partitions.
+               -- OFFSET 0 keeps the subquery a probe per account (never merged into a join that walks the
+               -- whole index in account order).
+               WHERE t.account_id = c.account_id AND t.expires_at > c.released_to AND t.expires_at <= $3
+                 AND t.created_at < $3 AND t.created_at > c.released_to - $10::int8 * interval '1 second'
+                 AND t.state = 1
+               OFFSET 0) h
            UNION ALL
            SELECT 3::int2, r.i, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                   s.committed, s.held
@@ -1281,15 +1315,21 @@ async fn load(
         &uptos,
         &missing_ids,
         &froms,
+        &released_to,
+        MAX_HOLD_TTL.num_seconds(),
     )
     .fetch_all(&mut **tx)
     .await?;
     let owners: HashMap<i64, &AccountKey> = account_ids.iter().map(|(key, id)| (*id, key)).collect();
     let mut fresh: HashMap<usize, (i128, i128)> = HashMap::new();
+    let mut stored = Stored::default();
     for row in rows {
         match row.kind {
             1 => {
                 let tx = row.into_tx()?;
+                if tx.state == TxState::Held {
+                    stored.held.insert(tx.id.clone());
+                }
                 // The lock statement ran before this one: a transaction committed in between (a commit or
                 // reverse racing its own reserve) may charge an account this batch did not lock. Run again.
                 if tx.accounts.iter().any(|a| !account_ids.contains_key(a)) {
@@ -1297,7 +1337,14 @@ async fn load(
                 }
                 loaded.transactions.push(tx);
             }
-            2 => loaded.expiring.push(row.into_expiring(&owners)?),
+            2 => {
+                let first = row.i == Some(0);
+                let hold = row.into_expiring(&owners)?;
+                if first {
+                    stored.expiring_first.insert(hold.id.clone(), hold.account.clone());
+                }
+                loaded.expiring.push(hold);
+            }
             3 => {
                 let (key, period) = row
                     .i
@@ -1325,7 +1372,16 @@ async fn load(
             loaded.fresh.push((key, period, totals));
         }
     }
-    Ok((account_ids, loaded))
+    Ok((account_ids, loaded, stored))
+}
+
+/// What the save needs to know of the rows as they were loaded, beyond what the ledger keeps.
+#[derive(Default)]
+struct Stored {
+    /// Named transactions stored as HELD (the ledger may since have marked them expired).
+    held: HashSet<TransactionId>,
+    /// The first key's account of each releasing hold whose first key is in the batch: where it is counted.
+    expiring_first: HashMap<TransactionId, AccountKey>,
 }
 
 /// Writes a batch's changes in one statement. Returns false when a new transaction id was taken meanwhile by
@@ -1333,6 +1389,7 @@ async fn load(
 async fn save(
     tx: &mut PgTx<'_, Postgres>,
     account_ids: &HashMap<AccountKey, i64>,
+    stored: &Stored,
     changes: Changes,
     now: Timestamp,
 ) -> Result<bool, Attempt> {
@@ -1365,14 +1422,44 @@ async fn save(
     changes.updated.iter().for_each(|t| upd.push(t));
     let (expired_ids, expired_owners): (Vec<String>, Vec<i64>) =
         changes.expired.iter().map(|(id, account)| (id.as_str().to_owned(), account_ids[account])).unzip();
-
-    let mut ids = Vec::new();
-    let mut limits = Vec::new();
-    let mut totals = Vec::new();
+    // Per account row: the new limits and totals (None: unchanged), the latest expiry of the holds placed on
+    // it, and the change in its count of open holds (on the first key of each).
+    let mut writes: HashMap<i64, AccountWrite> = HashMap::new();
     for a in &changes.accounts {
-        ids.push(account_ids[&a.key]);
-        limits.push(limits_json(a));
-        totals.push(totals_json(a));
+        let w = writes.entry(account_ids[&a.key]).or_default();
+        w.limits = Some(limits_json(a));
+        w.totals = Some(totals_json(a));
+    }
+    for t in &changes.inserted {
+        if let Some(expires) = t.expires_at {
+            for account in &t.accounts {
+                let w = writes.entry(account_ids[account]).or_default();
+                w.holds_until = w.holds_until.max(Some(expires));
+            }
+        }
+        if t.state == TxState::Held {
+            writes.entry(account_ids[&t.accounts[0]]).or_default().opened += 1;
+        }
+    }
+    for t in &changes.updated {
+        if stored.held.contains(&t.id) && t.state != TxState::Held {
+            writes.entry(account_ids[&t.accounts[0]]).or_default().opened -= 1;
+        }
+    }
+    for (id, account) in &changes.expired {
+        if stored.expiring_first.get(id) == Some(account) {
+            writes.entry(account_ids[account]).or_default().opened -= 1;
+        }
+    }
+    let mut ids = Vec::with_capacity(writes.len());
+    let (mut limits, mut totals, mut holds_until, mut opened) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, w) in writes {
+        ids.push(id);
+        limits.push(w.limits);
+        totals.push(w.totals);
+        holds_until.push(w.holds_until);
+        opened.push(w.opened);
     }
     let inserted = sqlx::query_scalar!(
         r#"WITH ins AS (
@@ -1396,11 +1483,19 @@ async fn save(
            ), exp AS (
                UPDATE transactions t SET state = 4
                FROM UNNEST($19::text[], $20::bigint[]) AS e(id, account_id)
-               WHERE t.transaction_id = ANY($19) AND t.transaction_id = e.id AND t.account_id = e.account_id
+               -- `+ 0`: the account is matched as a filter, not as a join column, so that no plan walks an
+               -- index in account order to merge with the list (only the primary key finds these rows).
+               WHERE t.transaction_id = ANY($19) AND t.transaction_id = e.id AND t.account_id + 0 = e.account_id
                  AND t.state = 1
            ), acc AS (
-               UPDATE accounts a SET limits = u.limits, totals = u.totals, updated_at = $24
-               FROM UNNEST($21::bigint[], $22::jsonb[], $23::jsonb[]) AS u(id, limits, totals)
+               -- `updated_at` is also the account's expiry cursor: this batch released every hold of it
+               -- expiring by `now`. Never below zero: a count that drifted must not fail the batch.
+               UPDATE accounts a
+               SET limits = COALESCE(u.limits, a.limits), totals = COALESCE(u.totals, a.totals), updated_at = $24,
+                   holds_until = GREATEST(a.holds_until, u.holds_until),
+                   open_holds = GREATEST(a.open_holds + u.opened, 0)
+               FROM UNNEST($21::bigint[], $22::jsonb[], $23::jsonb[], $25::timestamptz[], $26::int4[])
+                    AS u(id, limits, totals, holds_until, opened)
                WHERE a.id = ANY($21) AND a.id = u.id
            )
            -- Each UPDATE finds its rows by `= ANY(…)` on an index (a plan-proof path; see PLAN_SETTINGS)
@@ -1428,13 +1523,24 @@ async fn save(
         &expired_ids,
         &expired_owners,
         &ids,
-        &limits,
-        &totals,
+        &limits as &[Option<serde_json::Value>],
+        &totals as &[Option<serde_json::Value>],
         now,
+        &holds_until as &[Option<Timestamp>],
+        &opened,
     )
     .fetch_one(&mut **tx)
     .await?;
     Ok(inserted == new.ids.len() as i64)
+}
+
+/// What a batch writes to one account row.
+#[derive(Default)]
+struct AccountWrite {
+    limits: Option<serde_json::Value>,
+    totals: Option<serde_json::Value>,
+    holds_until: Option<Timestamp>,
+    opened: i32,
 }
 
 /// The mutable columns of transactions, as parallel arrays for UNNEST.

@@ -9,7 +9,7 @@ use allowance::storage::postgres::PgStore;
 use chrono::TimeDelta;
 use sqlx::PgPool;
 
-use crate::helpers::call::{reserve, set_limit};
+use crate::helpers::call::{reserve, reserve_req, set_limit};
 use crate::helpers::{TestServer, second_pool};
 use crate::quotas::{calendar, limit, limits, put_limit};
 
@@ -57,32 +57,35 @@ async fn replicas_a_day_apart_agree_on_every_window(pool: PgPool) {
     ahead.stop().await.unwrap();
 }
 
-/// A replica a day behind still finds expired holds to sweep, and counts open holds, at the database's clock.
+/// A replica a day behind still finds expired holds to sweep at the database's clock; the open-holds count
+/// drops once the sweep has released them.
 #[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
-async fn a_replica_behind_sweeps_and_counts_holds_at_the_database_clock(pool: PgPool) {
-    use allowance::storage::Store;
+async fn a_replica_behind_sweeps_expired_holds_at_the_database_clock(pool: PgPool) {
+    use allowance::storage::{Access, Store};
 
     let server = replica(&pool, TimeDelta::zero()).await;
     let mut c = server.client.clone();
     set_limit(&mut c, "k", pb::Window::Daily, 100).await;
-    assert!(reserve(&mut c, "k", "t1", 10).await.allowed);
+    let short = pb::ReserveSpendingRequest {
+        hold_ttl: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        ..reserve_req("k", "t1", 10)
+    };
+    assert!(c.reserve_spending(short).await.unwrap().into_inner().allowed);
     assert!(reserve(&mut c, "k", "t2", 10).await.allowed);
-    sqlx::query(
-        "UPDATE transactions SET expires_at = now() - interval '1 second' WHERE transaction_id = 't1'",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
 
     let day_behind = allowance::clock::SystemClock.now() - TimeDelta::days(1);
-    let one_clock = PgStore::new(pool.clone()).with_database_clock();
-    let expired = one_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap();
-    assert_eq!(expired.iter().map(|a| a.key_id.as_str()).collect::<Vec<_>>(), ["k"]);
-    assert_eq!(one_clock.open_holds(day_behind).await.unwrap(), 1, "t2 is open, t1 expired");
-
     // Without the database's clock the replica's own decides: a day behind, nothing has expired yet.
     let own_clock = PgStore::new(pool.clone());
     assert!(own_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap().is_empty());
-    assert_eq!(own_clock.open_holds(day_behind).await.unwrap(), 2);
+    assert_eq!(own_clock.open_holds(day_behind).await.unwrap(), 2, "t1 is not released yet");
+
+    let one_clock = PgStore::new(pool.clone()).with_database_clock();
+    let expired = one_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap();
+    assert_eq!(expired.iter().map(|a| a.key_id.as_str()).collect::<Vec<_>>(), ["k"]);
+    let out = one_clock.with_ledger(Access::Write, &expired, &[], &[], day_behind, |_| ()).await.unwrap();
+    assert_eq!(out.expired_holds, 1);
+    assert_eq!(one_clock.open_holds(day_behind).await.unwrap(), 1, "t2 is open, t1 released");
+    assert!(one_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap().is_empty());
     server.stop().await.unwrap();
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use allowance::app::{Allowance, Error, RetentionSettings};
-use allowance::clock::ManualClock;
+use allowance::clock::{Clock, ManualClock};
 use allowance::domain::{
     AccountKey, Amount, HoldTtl, KeyId, LimitName, LimitSpec, Metadata, Period, Rejection, Reserve,
     ReserveOutcome, TransactionId, Unit,
@@ -25,6 +25,11 @@ const BEFORE: [&str; 5] = [
     include_str!("../../migrations/20261202000002_rate_limits.sql"),
 ];
 const PARTITIONED: &str = include_str!("../../migrations/20261203000001_partitioned_history.sql");
+const HOT_COMMITS: &str = include_str!("../../migrations/20261204000001_hot_commits.sql");
+/// The account columns of HOT_COMMITS, so that today's binary can write the schema as it was before
+/// partitioning; HOT_COMMITS recomputes them from the rows when it runs.
+const HOT_COMMITS_COLUMNS: &str = "ALTER TABLE accounts ADD COLUMN holds_until timestamptz,
+                                   ADD COLUMN open_holds integer NOT NULL DEFAULT 0";
 
 fn at(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
@@ -90,7 +95,7 @@ async fn spent(app: &Allowance<PgStore>, key: &str) -> i128 {
 
 #[sqlx::test(migrations = false)]
 async fn the_migration_keeps_every_row_total_and_id_of_a_populated_database(pool: PgPool) {
-    for m in BEFORE {
+    for m in BEFORE.iter().chain([&HOT_COMMITS_COLUMNS]) {
         sqlx::raw_sql(m).execute(&pool).await.unwrap();
     }
     let clock = ManualClock::new(at(2026, 11, 20, 12));
@@ -102,6 +107,10 @@ async fn the_migration_keeps_every_row_total_and_id_of_a_populated_database(pool
     }
     assert!(allowed(&before, reserve("k", "held", 7, false)).await);
     sqlx::raw_sql(PARTITIONED).execute(&pool).await.unwrap();
+    sqlx::raw_sql("UPDATE accounts SET holds_until = NULL, open_holds = 0").execute(&pool).await.unwrap();
+    sqlx::raw_sql(HOT_COMMITS).execute(&pool).await.unwrap();
+    let open_holds = || sqlx::query_scalar::<_, i64>("SELECT sum(open_holds) FROM accounts").fetch_one(&pool);
+    assert_eq!(open_holds().await.unwrap(), 1, "counted from the rows by the migration");
 
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM transactions").fetch_one(&pool).await.unwrap();
     assert_eq!(rows, 51);
@@ -113,6 +122,7 @@ async fn the_migration_keeps_every_row_total_and_id_of_a_populated_database(pool
     assert!(refused_as_existing(&after, reserve("k", "t3", 11, true)).await);
     after.commit(TransactionId::parse("held").unwrap(), None, actor()).await.unwrap();
     assert_eq!(spent(&after, "k").await, 507);
+    assert_eq!(open_holds().await.unwrap(), 0);
     assert!(after.reconcile(None).await.unwrap().divergences.is_empty());
 }
 
@@ -256,4 +266,135 @@ async fn the_history_job_runs_on_one_replica_at_a_time(pool: PgPool) {
     first.await.unwrap().unwrap();
     let run = two.store().exclusively(HISTORY_JOB, two.retention(&settings, false)).await.unwrap();
     assert!(run.unwrap().unwrap().created.contains(&"transactions_203001".to_owned()));
+}
+
+fn id(s: &str) -> TransactionId {
+    TransactionId::parse(s).unwrap()
+}
+
+/// Commits, reverses and expiries change a transaction's row in place (HOT updates): no index names a
+/// column they change, and the partition's pages keep room for the new version (fillfactor). Postgres's own
+/// counters show it; with the old partial index of open holds (`WHERE state = 1`) none of them was.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn settling_a_transaction_rewrites_no_index(pool: PgPool) {
+    // One connection, so that its statistics can be flushed on demand.
+    let serving = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let clock = ManualClock::new(at(2027, 3, 10, 0));
+    let app = app(&serving, &clock);
+    app.create_partitions(1).await.unwrap();
+    put_limit(&app, "k", 1, 1_000_000).await;
+    for i in 0..40 {
+        assert!(allowed(&app, reserve("k", &format!("t{i}"), 10, false)).await);
+    }
+    for i in 0..15 {
+        app.commit(id(&format!("t{i}")), None, actor()).await.unwrap();
+    }
+    for i in 15..30 {
+        app.reverse(id(&format!("t{i}")), actor()).await.unwrap();
+    }
+    // The last ten expire, and the next call of the key releases them.
+    clock.advance(TimeDelta::minutes(16));
+    assert!(allowed(&app, reserve("k", "after", 10, true)).await);
+    assert_eq!(spent(&app, "k").await, 15 * 10 + 10);
+    sqlx::query("SELECT pg_stat_force_next_flush()").execute(&serving).await.unwrap();
+    serving.close().await;
+
+    let (updated, hot): (i64, i64) = sqlx::query_as(
+        "SELECT sum(n_tup_upd)::int8, sum(n_tup_hot_upd)::int8 FROM pg_stat_user_tables
+         WHERE relname LIKE 'transactions\\_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(updated, 40, "15 commits, 15 reverses, 10 expiries");
+    assert_eq!(hot, updated, "every settlement a HOT update");
+    let open: i64 =
+        sqlx::query_scalar("SELECT sum(open_holds)::int8 FROM accounts").fetch_one(&pool).await.unwrap();
+    assert_eq!(open, 0);
+}
+
+/// The sweeper finds idle accounts with expired holds through each account's expiry cursor, releases them,
+/// and forgets accounts whose holds were all settled, so that it does not look at them again.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn the_sweeper_releases_expired_holds_and_forgets_settled_accounts(pool: PgPool) {
+    let clock = ManualClock::new(at(2027, 3, 10, 0));
+    let app = app(&pool, &clock);
+    for key in ["settled", "expiring"] {
+        put_limit(&app, key, 1, 1_000).await;
+    }
+    assert!(allowed(&app, reserve("settled", "s1", 10, false)).await);
+    assert!(allowed(&app, reserve("expiring", "e1", 10, false)).await);
+    clock.advance(TimeDelta::minutes(5));
+    assert!(allowed(&app, reserve("expiring", "e2", 10, false)).await);
+    app.commit(id("s1"), None, actor()).await.unwrap();
+    assert_eq!(app.open_holds().await.unwrap(), 2);
+    let holds_until = |key: &'static str| {
+        sqlx::query_scalar::<_, Option<DateTime<Utc>>>("SELECT holds_until FROM accounts WHERE key_id = $1")
+            .bind(key)
+            .fetch_one(&pool)
+    };
+
+    // Before any expiry nothing is found, and "settled" (written when s1 was committed, before s1's expiry)
+    // is still a candidate.
+    let store = PgStore::new(pool.clone());
+    clock.advance(TimeDelta::minutes(5));
+    assert!(store.accounts_with_expired_holds(clock.now(), 10).await.unwrap().is_empty());
+    assert!(holds_until("settled").await.unwrap().is_some());
+    // e1 and s1 have expired (15 minutes), e2 not yet: only "expiring" has a hold to release, and "settled"
+    // is forgotten.
+    clock.advance(TimeDelta::minutes(6));
+    let found = store.accounts_with_expired_holds(clock.now(), 10).await.unwrap();
+    assert_eq!(found, [account("expiring")]);
+    assert_eq!(holds_until("settled").await.unwrap(), None);
+    assert_eq!(app.sweep_expired(10).await.unwrap(), 1);
+    assert_eq!(app.open_holds().await.unwrap(), 1, "e2");
+    assert_eq!(held(&app, "expiring").await, 10);
+    clock.advance(TimeDelta::minutes(5));
+    assert_eq!(store.accounts_with_expired_holds(clock.now(), 10).await.unwrap(), [account("expiring")]);
+    assert_eq!(app.sweep_expired(10).await.unwrap(), 1);
+    assert_eq!(app.open_holds().await.unwrap(), 0);
+    assert_eq!(held(&app, "expiring").await, 0);
+    assert!(store.accounts_with_expired_holds(clock.now(), 10).await.unwrap().is_empty());
+    // Released by a batch after its last hold's expiry: nothing is left to look at either.
+    let candidates: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts WHERE updated_at < holds_until")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(candidates, 0);
+}
+
+async fn held(app: &Allowance<PgStore>, key: &str) -> i128 {
+    let usage = app.get_limits(account(key)).await.unwrap();
+    usage.limits.iter().find(|l| l.name.as_str() == "limit").unwrap().held
+}
+
+/// The expiry cursor at its edges: a hold expiring a microsecond after its account's last write is still
+/// released at its expiry, and a hold placed by a replica whose clock is behind (the batch decides at the
+/// account's last write instead) expires after the cursor, so it is released too.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn holds_are_released_at_expiry_whatever_the_accounts_last_write(pool: PgPool) {
+    let start = at(2027, 3, 10, 0);
+    let clock = ManualClock::new(start);
+    let app = app(&pool, &clock);
+    put_limit(&app, "k", 1, 1_000).await;
+    assert!(allowed(&app, reserve("k", "h1", 10, false)).await);
+    clock.set(start + TimeDelta::minutes(15) - TimeDelta::microseconds(1));
+    assert!(allowed(&app, reserve("k", "h2", 10, false)).await);
+    assert_eq!(held(&app, "k").await, 20);
+    clock.set(start + TimeDelta::minutes(15));
+    assert!(allowed(&app, reserve("k", "c1", 10, true)).await);
+    assert_eq!(held(&app, "k").await, 10, "h1 released at its expiry");
+    // A replica fourteen minutes behind: its batch decides at the account's last write, so h3 expires at
+    // start + 30 min, after the cursor.
+    clock.set(start + TimeDelta::minutes(1));
+    assert!(allowed(&app, reserve("k", "h3", 10, false)).await);
+    assert_eq!(held(&app, "k").await, 20);
+    clock.set(start + TimeDelta::minutes(30));
+    assert!(allowed(&app, reserve("k", "c2", 10, true)).await);
+    assert_eq!(held(&app, "k").await, 0, "h2 and h3 released");
+    assert_eq!(app.open_holds().await.unwrap(), 0);
 }

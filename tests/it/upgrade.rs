@@ -19,10 +19,12 @@ const ROUND_1: [&str; 2] = [
     include_str!("../../migrations/20261122000002_transactions_statistics.sql"),
 ];
 const QUOTAS: &str = include_str!("../../migrations/20261201000001_limits_as_data.sql");
-/// Migrations after the quota model only add tables and columns: applied too, for the current binary.
-const LATER: [&str; 2] = [
+/// Migrations after the quota model: applied too, for the current binary.
+const LATER: [&str; 4] = [
     include_str!("../../migrations/20261202000001_callers_and_audit.sql"),
     include_str!("../../migrations/20261202000002_rate_limits.sql"),
+    include_str!("../../migrations/20261203000001_partitioned_history.sql"),
+    include_str!("../../migrations/20261204000001_hot_commits.sql"),
 ];
 
 #[sqlx::test(migrations = false)]

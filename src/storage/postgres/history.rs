@@ -98,21 +98,21 @@ pub(super) async fn drop_partition(
     // The name comes from the catalogue and matches `transactions_…`: safe to quote into DDL.
     let table = format!("\"{}\"", partition.name.replace('"', "\"\""));
     if !partition.detached {
-        let mut tx = pool.begin().await?;
-        // The count of open holds below runs under the table's lock: by the small partial index of open
-        // holds, never a scan of a month of history while every serving statement waits.
-        sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")).execute(&mut *tx).await?;
-        sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await?;
-        // Detached first, under the table's lock: no batch can open a hold in it between the check and the
-        // drop. Open holds keep it (the rollback re-attaches it).
-        sqlx::query(&format!("ALTER TABLE transactions DETACH PARTITION {table}")).execute(&mut *tx).await?;
+        // Open holds keep it. Counted before the detach, by a scan of the partition that makes no serving
+        // statement wait (no index finds open holds: state changes are HOT updates, see the migration
+        // 20261204000001). A batch cannot open a hold in the partition between this count and the detach:
+        // a hold's created_at is its batch's `now`, by the database's clock and never before its account's
+        // last write, and this partition ended before the retention floor (more than the longest period
+        // plus MAX_HOLD_TTL ago). Holds released meanwhile only make the count too cautious.
         let open: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE state = 1"))
-            .fetch_one(&mut *tx)
+            .fetch_one(pool)
             .await?;
         if open > 0 {
-            tx.rollback().await?;
             return Ok(PartitionDrop::OpenHolds(u64::try_from(open).unwrap_or(0)));
         }
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")).execute(&mut *tx).await?;
+        sqlx::query(&format!("ALTER TABLE transactions DETACH PARTITION {table}")).execute(&mut *tx).await?;
         tx.commit().await?;
     }
     // Detached: no serving statement reads it any more, so the export blocks no one.
