@@ -443,7 +443,7 @@ impl<S: Store> Allowance<S> {
     }
 
     pub async fn open_holds(&self) -> Result<u64, Error> {
-        Ok(self.store.open_holds(self.clock.now()).await.inspect_err(metrics::storage_error)?)
+        Ok(self.store.open_holds().await.inspect_err(metrics::storage_error)?)
     }
 
     /// Usage of every limit of an account and of the four round-1 windows as of now; reads a snapshot and

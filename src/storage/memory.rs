@@ -254,8 +254,12 @@ impl Store for MemoryStore {
         Ok(keys)
     }
 
-    async fn open_holds(&self, now: Timestamp) -> Result<u64, StorageError> {
-        Ok(self.lock().transactions.values().filter(|t| t.state_at(now) == TxState::Held).count() as u64)
+    async fn open_holds(&self) -> Result<u64, StorageError> {
+        let state = self.lock();
+        let open = |t: &&Transaction| {
+            t.state == TxState::Held && !state.released.contains(&(t.id.clone(), t.accounts[0].clone()))
+        };
+        Ok(state.transactions.values().filter(open).count() as u64)
     }
 
     async fn counted(

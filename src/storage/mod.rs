@@ -182,8 +182,9 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<AccountKey>, StorageError>> + Send;
 
-    /// Holds open at `now`: neither committed, reversed nor expired.
-    fn open_holds(&self, now: Timestamp) -> impl Future<Output = Result<u64, StorageError>> + Send;
+    /// Holds neither committed, reversed nor released; a hold past its expiry counts until a batch of its
+    /// key (or the sweeper) releases it.
+    fn open_holds(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
     /// What still counts in `period` of `account` at `now` among transactions created at or after `from`: its
     /// open holds, and for rolling periods its committed spend oldest first, at most `max_committed` rows.

@@ -469,7 +469,7 @@ impl Store for PgStore {
         rows.into_iter().map(|r| account_key(r.key_id, r.unit)).collect()
     }
 
-    async fn open_holds(&self, _now: Timestamp) -> Result<u64, StorageError> {
+    async fn open_holds(&self) -> Result<u64, StorageError> {
         // Counted on each account as holds are placed and settled; a hold past its expiry counts until a
         // batch of its key, or the sweeper, releases it.
         let n = sqlx::query_scalar!(r#"SELECT COALESCE(sum(open_holds), 0)::int8 AS "n!" FROM accounts"#)

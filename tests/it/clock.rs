@@ -78,14 +78,14 @@ async fn a_replica_behind_sweeps_expired_holds_at_the_database_clock(pool: PgPoo
     // Without the database's clock the replica's own decides: a day behind, nothing has expired yet.
     let own_clock = PgStore::new(pool.clone());
     assert!(own_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap().is_empty());
-    assert_eq!(own_clock.open_holds(day_behind).await.unwrap(), 2, "t1 is not released yet");
+    assert_eq!(own_clock.open_holds().await.unwrap(), 2, "t1 is not released yet");
 
     let one_clock = PgStore::new(pool.clone()).with_database_clock();
     let expired = one_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap();
     assert_eq!(expired.iter().map(|a| a.key_id.as_str()).collect::<Vec<_>>(), ["k"]);
     let out = one_clock.with_ledger(Access::Write, &expired, &[], &[], day_behind, |_| ()).await.unwrap();
     assert_eq!(out.expired_holds, 1);
-    assert_eq!(one_clock.open_holds(day_behind).await.unwrap(), 1, "t2 is open, t1 released");
+    assert_eq!(one_clock.open_holds().await.unwrap(), 1, "t2 is open, t1 released");
     assert!(one_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap().is_empty());
     server.stop().await.unwrap();
 }
