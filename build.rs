@@ -1,6 +1,7 @@
 //! Compiles `proto/` with protox (a pure-Rust protobuf compiler), so building needs no `protoc` on the machine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use prost::Message;
 
@@ -30,5 +31,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".allowance.v1", "crate::grpc::pb")
         .out_dir(&client_dir)
         .compile_fds(fds)?;
+    envoy_rls_descriptor(&out_dir)?;
+    Ok(())
+}
+
+/// Encoded descriptors of Envoy's `envoy.service.ratelimit.v3` and everything it imports, for server
+/// reflection only: the types and the server come from the envoy-types crate, and so do these files — the
+/// `.proto` files it ships and generated them from, found through `cargo metadata`, not copies of our own.
+fn envoy_rls_descriptor(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let cargo = std::env::var("CARGO")?;
+    let output = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .current_dir(std::env::var("CARGO_MANIFEST_DIR")?)
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("cargo metadata: {}", String::from_utf8_lossy(&output.stderr)).into());
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let manifest = metadata["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "envoy-types")
+        .and_then(|p| p["manifest_path"].as_str())
+        .ok_or("envoy-types is not among the dependencies")?;
+    let protos = Path::new(manifest).parent().ok_or("envoy-types has no directory")?.join("proto");
+    let includes: Vec<PathBuf> =
+        std::fs::read_dir(&protos)?.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let fds = protox::compile(["envoy/service/ratelimit/v3/rls.proto"], includes)?;
+    std::fs::write(out_dir.join("envoy_rls_descriptor.bin"), fds.encode_to_vec())?;
     Ok(())
 }

@@ -23,4 +23,9 @@ pub mod pb {
     /// Encoded descriptors of `allowance.v1`, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/allowance_descriptor.bin"));
+
+    /// Encoded descriptors of Envoy's `envoy.service.ratelimit.v3` (from the `.proto` files envoy-types ships),
+    /// so that reflection lists the rate-limit service and grpcurl can call it without proto files.
+    pub const ENVOY_RLS_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/envoy_rls_descriptor.bin"));
 }

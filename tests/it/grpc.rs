@@ -436,7 +436,30 @@ async fn health_is_serving_on_a_migrated_database_and_reflection_lists_the_servi
         panic!("unexpected reflection answer {response:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"allowance.v1.SpendingLimits".to_string()), "{names:?}");
+    for service in ["allowance.v1.SpendingLimits", "envoy.service.ratelimit.v3.RateLimitService"] {
+        assert!(names.contains(&service.to_string()), "{service} not in {names:?}");
+    }
+
+    // What grpcurl asks next: the file that defines the service, with its dependencies.
+    use prost::Message;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(
+            "envoy.service.ratelimit.v3.RateLimitService".into(),
+        )),
+    };
+    let mut responses =
+        reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap().name().to_owned())
+        .collect();
+    assert!(names.contains(&"envoy/service/ratelimit/v3/rls.proto".to_string()), "{names:?}");
 }
 
 #[sqlx::test(migrations = false)]
