@@ -40,10 +40,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// `.proto` files it ships and generated them from, found through `cargo metadata`, not copies of our own.
 fn envoy_rls_descriptor(out_dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let cargo = std::env::var("CARGO")?;
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
-        .current_dir(std::env::var("CARGO_MANIFEST_DIR")?)
-        .output()?;
+    let metadata = |extra: &[&str]| {
+        Command::new(&cargo)
+            .args(["metadata", "--format-version", "1"])
+            .args(extra)
+            .current_dir(std::env::var("CARGO_MANIFEST_DIR")?)
+            .output()
+            .map_err(Box::<dyn std::error::Error>::from)
+    };
+    // Offline first: the build has fetched what it compiles. `cargo metadata` also wants the manifests of
+    // dependencies for other platforms, which a fresh machine may not have fetched yet: then online.
+    let mut output = metadata(&["--offline"])?;
+    if !output.status.success() {
+        output = metadata(&[])?;
+    }
     if !output.status.success() {
         return Err(format!("cargo metadata: {}", String::from_utf8_lossy(&output.stderr)).into());
     }
