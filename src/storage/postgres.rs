@@ -438,35 +438,51 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<AccountKey>, StorageError> {
         // Only an account whose last write came before the latest expiry of its holds can have one unreleased
-        // (the cursor of the migration 20261204000001); one whose holds all expired without any left open is
-        // retired here (`holds_until` cleared, unless a batch placed a hold meanwhile), so that it is not
-        // looked at again. Rows are locked in id order, as batches lock them.
-        let rows = sqlx::query!(
-            r#"WITH candidates AS MATERIALIZED (
-                   SELECT a.id, a.key_id, a.unit, a.holds_until,
-                          EXISTS (SELECT 1 FROM transactions t
-                                  WHERE t.account_id = a.id AND t.expires_at > a.updated_at
-                                    AND t.expires_at <= COALESCE($1, now()) AND t.created_at < COALESCE($1, now())
-                                    AND t.created_at > a.updated_at - $3::int8 * interval '1 second' AND t.state = 1)
-                            AS expired
-                   FROM accounts a
-                   WHERE a.updated_at < a.holds_until AND a.updated_at < COALESCE($1, now())
-               ), retired AS (
-                   UPDATE accounts a SET holds_until = NULL
-                   FROM candidates c
-                   WHERE a.id = ANY(ARRAY(SELECT c.id FROM candidates c
-                                          WHERE NOT c.expired AND c.holds_until <= COALESCE($1, now())
-                                          ORDER BY c.id))
-                     AND a.id = c.id AND a.holds_until = c.holds_until
-               )
-               SELECT c.key_id, c.unit FROM candidates c WHERE c.expired LIMIT $2"#,
-            self.clock_or_database(now),
-            i64::from(limit),
+        // (the cursor of the migration 20261204000001). One whose holds have all expired, none left open, is
+        // retired (`holds_until` cleared) so that it is not looked at again.
+        let now = self.clock_or_database(now);
+        let candidates = sqlx::query!(
+            r#"SELECT a.id, a.key_id, a.unit, a.xmin::text AS "version!",
+                      a.holds_until <= COALESCE($1, now()) AS "all_expired!",
+                      EXISTS (SELECT 1 FROM transactions t
+                              WHERE t.account_id = a.id AND t.expires_at > a.updated_at
+                                AND t.expires_at <= COALESCE($1, now()) AND t.created_at < COALESCE($1, now())
+                                AND t.created_at > a.updated_at - $2::int8 * interval '1 second' AND t.state = 1)
+                        AS "expired!"
+               FROM accounts a
+               WHERE a.updated_at < a.holds_until AND a.updated_at < COALESCE($1, now())"#,
+            now,
             MAX_HOLD_TTL.num_seconds(),
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(|r| account_key(r.key_id, r.unit)).collect()
+        let (retired, versions): (Vec<i64>, Vec<String>) = candidates
+            .iter()
+            .filter(|c| c.all_expired && !c.expired)
+            .map(|c| (c.id, c.version.clone()))
+            .unzip();
+        if !retired.is_empty() {
+            // Locked in id order, as batches lock accounts; cleared only if the row is still the version read
+            // above (a batch that wrote it meanwhile may have placed a hold).
+            sqlx::query!(
+                r#"WITH locked AS MATERIALIZED (
+                       SELECT a.id FROM accounts a WHERE a.id = ANY($1) ORDER BY a.id FOR UPDATE)
+                   UPDATE accounts a SET holds_until = NULL
+                   FROM UNNEST($1::int8[], $2::text[]) AS u(id, version)
+                   WHERE a.id = ANY($1) AND (SELECT count(*) FROM locked) >= 0 AND a.id = u.id
+                     AND a.xmin = u.version::xid"#,
+                &retired,
+                &versions,
+            )
+            .execute(&self.pool)
+            .await?;
+        }
+        candidates
+            .into_iter()
+            .filter(|c| c.expired)
+            .take(limit as usize)
+            .map(|c| account_key(c.key_id, c.unit))
+            .collect()
     }
 
     async fn open_holds(&self) -> Result<u64, StorageError> {
