@@ -398,3 +398,79 @@ async fn holds_are_released_at_expiry_whatever_the_accounts_last_write(pool: PgP
     assert_eq!(held(&app, "k").await, 0, "h2 and h3 released");
     assert_eq!(app.open_holds().await.unwrap(), 0);
 }
+
+/// Holds placed, settled and left to expire by two replicas at once while both sweep in a tight loop: the
+/// per-account bookkeeping always matches the rows — each account's count of open holds equals its HELD rows,
+/// and no unreleased hold lies at or behind its account's expiry cursor — and once everything has expired and
+/// been swept, nothing is left open.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn two_replicas_placing_settling_and_sweeping_keep_the_hold_bookkeeping_exact(pool: PgPool) {
+    use allowance::clock::SystemClock;
+    let replica =
+        |p: PgPool| Allowance::new(Arc::new(PgStore::new(p).with_database_clock()), Arc::new(SystemClock));
+    let replicas = [
+        replica(crate::helpers::second_pool(&pool, 4).await),
+        replica(crate::helpers::second_pool(&pool, 4).await),
+    ];
+    let keys: Vec<String> = (0..4).map(|k| format!("k{k}")).collect();
+    for key in &keys {
+        put_limit(&replicas[0], key, 1, 1_000_000_000).await;
+    }
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for (r, app) in replicas.iter().enumerate() {
+        for worker in 0..3 {
+            let (app, keys) = (app.clone(), keys.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0u64;
+                while std::time::Instant::now() < until {
+                    let name = format!("r{r}-w{worker}-{i}");
+                    let mut r = reserve(&keys[(i as usize + worker) % keys.len()], &name, 1, false);
+                    r.hold_ttl = HoldTtl::parse(TimeDelta::seconds(1)).unwrap();
+                    if i % 3 == 1 {
+                        // Two keys: the hold is counted on its first.
+                        r.accounts.push(account(&keys[(i as usize + worker + 1) % keys.len()]));
+                    }
+                    app.reserve(r).await.unwrap();
+                    match i % 3 {
+                        0 => drop(app.commit(id(&name), None, actor()).await.unwrap()),
+                        1 => drop(app.reverse(id(&name), actor()).await.unwrap()),
+                        _ => {} // left to expire
+                    }
+                    i += 1;
+                }
+            }));
+        }
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            while std::time::Instant::now() < until {
+                app.sweep_expired(100).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let check = || async {
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT (SELECT COALESCE(sum(open_holds), 0)::int8 FROM accounts),
+                    (SELECT count(*) FROM transactions WHERE state = 1 AND position = 0),
+                    (SELECT count(*) FROM transactions t JOIN accounts a ON a.id = t.account_id
+                     WHERE t.state = 1 AND t.expires_at <= a.updated_at)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let (counted, rows, behind) = check().await;
+    assert_eq!((counted, behind), (rows, 0), "counted {counted}, rows {rows}, behind a cursor {behind}");
+    assert!(rows > 0, "some holds were left to expire");
+
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    while replicas[0].sweep_expired(100).await.unwrap() > 0 {}
+    assert_eq!(check().await, (0, 0, 0), "every hold expired and released");
+    for key in &keys {
+        assert_eq!(held(&replicas[1], key).await, 0);
+    }
+}
