@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// Fraction of reservations made to be denied (asking for more than the limit); the rest fit easily.
     #[arg(long, default_value_t = 0.0)]
     pub deny_ratio: f64,
+    /// How long each hold lasts (e.g. 1m); default: the server's. With `reserve-only`, a short one makes the
+    /// holds expire within the run, so that expiry and the sweeper are exercised.
+    #[arg(long, value_parser = parse_duration)]
+    pub hold_ttl: Option<Duration>,
     /// Daily limit set on every key before the run (high: nothing is denied unless asked).
     #[arg(long, default_value_t = 1_000_000_000_000_000)]
     pub limit: i64,
@@ -161,6 +165,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             amount: args.amount,
             deny_amount: args.limit.saturating_add(1),
             deny_ratio: args.deny_ratio,
+            hold_ttl: args.hold_ttl.map(|d| prost_types::Duration {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+            }),
             rng: Rng(0x9E37_79B9_7F4A_7C15 ^ ((w as u64 + 1) * 0xD1B5_4A32_D192_ED03)),
             pace: args.rate.map(|r| Duration::from_secs_f64(args.concurrency as f64 / r)),
         };
@@ -238,6 +246,7 @@ struct Worker {
     amount: i64,
     deny_amount: i64,
     deny_ratio: f64,
+    hold_ttl: Option<prost_types::Duration>,
     rng: Rng,
     /// The time between two operations of this worker, with --rate.
     pace: Option<Duration>,
@@ -303,6 +312,7 @@ impl Worker {
                 key_id,
                 transaction_id: transaction_id.clone(),
                 amount: if deny { self.deny_amount } else { self.amount },
+                hold_ttl: self.hold_ttl,
                 ..Default::default()
             })
             .await?
