@@ -1359,6 +1359,7 @@ async fn load(
                 if first {
                     stored.expiring_first.insert(hold.id.clone(), hold.account.clone());
                 }
+                stored.expiring_created.insert(hold.id.clone(), hold.created_at);
                 loaded.expiring.push(hold);
             }
             3 => {
@@ -1398,6 +1399,8 @@ struct Stored {
     held: HashSet<TransactionId>,
     /// The first key's account of each releasing hold whose first key is in the batch: where it is counted.
     expiring_first: HashMap<TransactionId, AccountKey>,
+    /// When each expiring hold was created: the partitions its release updates.
+    expiring_created: HashMap<TransactionId, Timestamp>,
 }
 
 /// Writes a batch's changes in one statement. Returns false when a new transaction id was taken meanwhile by
@@ -1438,6 +1441,11 @@ async fn save(
     changes.updated.iter().for_each(|t| upd.push(t));
     let (expired_ids, expired_owners): (Vec<String>, Vec<i64>) =
         changes.expired.iter().map(|(id, account)| (id.as_str().to_owned(), account_ids[account])).unzip();
+    // The range of `created_at` of the rows each UPDATE changes: Postgres prunes the partitions outside it when
+    // the statement starts, instead of probing every partition's primary key for every id.
+    let updated_range = created_range(changes.updated.iter().map(|t| Some(t.created_at)));
+    let expired_range =
+        created_range(changes.expired.iter().map(|(id, _)| stored.expiring_created.get(id).copied()));
     // Per account row: the new limits and totals (None: unchanged), the latest expiry of the holds placed on
     // it, and the change in its count of open holds (on the first key of each).
     let mut writes: HashMap<i64, AccountWrite> = HashMap::new();
@@ -1496,13 +1504,14 @@ async fn save(
                FROM UNNEST($13::text[], $14::bigint[], $15::int2[], $16::timestamptz[], $17::timestamptz[],
                            $18::bool[]) AS u(id, amount, state, committed_at, reversed_at, late)
                WHERE t.transaction_id = ANY($13) AND t.transaction_id = u.id
+                 AND t.created_at >= $27 AND t.created_at <= $28
            ), exp AS (
                UPDATE transactions t SET state = 4
                FROM UNNEST($19::text[], $20::bigint[]) AS e(id, account_id)
                -- `+ 0`: the account is matched as a filter, not as a join column, so that no plan walks an
                -- index in account order to merge with the list (only the primary key finds these rows).
                WHERE t.transaction_id = ANY($19) AND t.transaction_id = e.id AND t.account_id + 0 = e.account_id
-                 AND t.state = 1
+                 AND t.state = 1 AND t.created_at >= $29 AND t.created_at <= $30
            ), acc AS (
                -- `updated_at` is also the account's expiry cursor: this batch released every hold of it
                -- expiring by `now`. Never below zero: a count that drifted must not fail the batch.
@@ -1544,10 +1553,31 @@ async fn save(
         now,
         &holds_until as &[Option<Timestamp>],
         &opened,
+        updated_range.0,
+        updated_range.1,
+        expired_range.0,
+        expired_range.1,
     )
     .fetch_one(&mut **tx)
     .await?;
     Ok(inserted == new.ids.len() as i64)
+}
+
+/// The earliest and latest of `created`; nulls (no rows, which prunes every partition) when it is empty, and
+/// the whole time line when one is unknown.
+fn created_range(created: impl Iterator<Item = Option<Timestamp>>) -> (Option<Timestamp>, Option<Timestamp>) {
+    let mut range: Option<(Timestamp, Timestamp)> = None;
+    for at in created {
+        let Some(at) = at else {
+            // 0001-01-01 to 9999-12-31: within what both chrono and Postgres represent.
+            return (
+                Timestamp::from_timestamp(-62_135_596_800, 0),
+                Timestamp::from_timestamp(253_402_214_400, 0),
+            );
+        };
+        range = Some(range.map_or((at, at), |(lo, hi)| (lo.min(at), hi.max(at))));
+    }
+    range.map_or((None, None), |(lo, hi)| (Some(lo), Some(hi)))
 }
 
 /// What a batch writes to one account row.
@@ -1578,5 +1608,22 @@ impl TxColumns {
         self.committed_at.push(t.committed_at);
         self.reversed_at.push(t.reversed_at);
         self.late.push(t.committed_late);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Datelike;
+
+    use super::*;
+
+    #[test]
+    fn created_range_covers_every_row_prunes_all_when_empty_and_nothing_when_unknown() {
+        let t = |s: i64| Timestamp::from_timestamp(1_900_000_000 + s, 0);
+        assert_eq!(created_range([t(5), t(-3), t(9)].into_iter()), (t(-3), t(9)));
+        assert_eq!(created_range([t(5)].into_iter()), (t(5), t(5)));
+        assert_eq!(created_range(std::iter::empty()), (None, None));
+        let (lo, hi) = created_range([t(5), None, t(9)].into_iter());
+        assert!(lo.unwrap().year() == 1 && hi.unwrap().year() == 9999, "{lo:?} {hi:?}");
     }
 }

@@ -181,6 +181,39 @@ async fn concurrent_reservations_of_one_id_in_two_partitions_record_it_once(pool
     }
 }
 
+/// One batch settling rows of two partitions: holds placed either side of a month boundary expire together,
+/// and the batch that releases them updates both rows (the save prunes partitions by the range of its rows'
+/// `created_at`, which must cover both); a commit of last month's hold updates its row in the older partition.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn one_batch_settles_holds_of_two_months(pool: PgPool) {
+    let clock = ManualClock::new(at(2030, 1, 31, 23) + TimeDelta::minutes(55));
+    let app = app(&pool, &clock);
+    app.create_partitions(2).await.unwrap();
+    put_limit(&app, "k", 1, 1_000).await;
+    assert!(allowed(&app, reserve("k", "january", 10, false)).await);
+    assert!(allowed(&app, reserve("k", "kept", 10, false)).await);
+    clock.set(at(2030, 2, 1, 0) + TimeDelta::minutes(1));
+    assert!(allowed(&app, reserve("k", "february", 10, false)).await);
+    assert_eq!(partition_of(&pool, "january").await, "transactions_203001");
+    assert_eq!(partition_of(&pool, "february").await, "transactions_203002");
+    app.commit(id("kept"), Some(Amount::parse("amount", 4).unwrap()), actor()).await.unwrap();
+
+    clock.set(at(2030, 2, 1, 0) + TimeDelta::minutes(20));
+    assert!(allowed(&app, reserve("k", "after", 1, true)).await);
+    let states: Vec<(String, i16)> = sqlx::query_as(
+        "SELECT transaction_id, state FROM transactions WHERE transaction_id <> 'after' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let expected = [("february", 4), ("january", 4), ("kept", 2)].map(|(id, s)| (id.to_owned(), s));
+    assert_eq!(states, expected, "both holds expired in their own partitions, the commit recorded");
+    assert_eq!(held(&app, "k").await, 0);
+    assert_eq!(spent(&app, "k").await, 5);
+    assert_eq!(app.open_holds().await.unwrap(), 0);
+    assert!(app.reconcile(None).await.unwrap().divergences.is_empty());
+}
+
 fn settings(days: i64, export: Option<&std::path::Path>) -> RetentionSettings {
     RetentionSettings {
         retention: TimeDelta::days(days),
