@@ -308,6 +308,11 @@ fn id(s: &str) -> TransactionId {
 /// Commits, reverses and expiries change a transaction's row in place (HOT updates): no index names a
 /// column they change, and the partition's pages keep room for the new version (fillfactor). Postgres's own
 /// counters show it; with the old partial index of open holds (`WHERE state = 1`) none of them was.
+///
+/// Few enough rows that every version (16 inserted, 15 updated, about 130 bytes each) fits in the
+/// partition's first page without pruning: a HOT update needs room on its page, and whether Postgres may
+/// prune the dead versions in time depends on the snapshots of every backend on the server (a CI run of 40
+/// rows once saw 39 of 40 updates HOT). Room is what the design provides; pruning is not its to promise.
 #[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
 async fn settling_a_transaction_rewrites_no_index(pool: PgPool) {
     // One connection, so that its statistics can be flushed on demand.
@@ -320,19 +325,19 @@ async fn settling_a_transaction_rewrites_no_index(pool: PgPool) {
     let app = app(&serving, &clock);
     app.create_partitions(1).await.unwrap();
     put_limit(&app, "k", 1, 1_000_000).await;
-    for i in 0..40 {
+    for i in 0..15 {
         assert!(allowed(&app, reserve("k", &format!("t{i}"), 10, false)).await);
     }
-    for i in 0..15 {
+    for i in 0..5 {
         app.commit(id(&format!("t{i}")), None, actor()).await.unwrap();
     }
-    for i in 15..30 {
+    for i in 5..10 {
         app.reverse(id(&format!("t{i}")), actor()).await.unwrap();
     }
-    // The last ten expire, and the next call of the key releases them.
+    // The last five expire, and the next call of the key releases them.
     clock.advance(TimeDelta::minutes(16));
     assert!(allowed(&app, reserve("k", "after", 10, true)).await);
-    assert_eq!(spent(&app, "k").await, 15 * 10 + 10);
+    assert_eq!(spent(&app, "k").await, 5 * 10 + 10);
     sqlx::query("SELECT pg_stat_force_next_flush()").execute(&serving).await.unwrap();
     serving.close().await;
 
@@ -343,7 +348,7 @@ async fn settling_a_transaction_rewrites_no_index(pool: PgPool) {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(updated, 40, "15 commits, 15 reverses, 10 expiries");
+    assert_eq!(updated, 15, "5 commits, 5 reverses, 5 expiries");
     assert_eq!(hot, updated, "every settlement a HOT update");
     let open: i64 =
         sqlx::query_scalar("SELECT sum(open_holds)::int8 FROM accounts").fetch_one(&pool).await.unwrap();
