@@ -141,6 +141,22 @@ pub struct Ledger {
     expired: Vec<(TransactionId, AccountKey)>,
     audit: Vec<super::AuditEvent>,
     recounted: HashMap<AccountKey, BTreeMap<Period, Totals>>,
+    stale: Vec<StaleHold>,
+}
+
+/// A hold that still counted after its account's expiry cursor had passed its expiry: it expired at or
+/// before the account's last write, which promises that every such hold was released (see the migration
+/// 20261204000001). Nothing releases it in the normal course: it counts as held, and keeps its partition,
+/// for ever. Only a reconciliation loads one (it looks behind the cursor), and the batch that loads it
+/// releases it as any expired hold; a repair writes that release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleHold {
+    pub account: AccountKey,
+    pub transaction_id: TransactionId,
+    pub expires_at: Timestamp,
+    /// The account's last write (its expiry cursor) when the hold was found.
+    pub cursor: Timestamp,
+    pub amount: i64,
 }
 
 /// One period of one account whose running totals differ from what its transactions sum to: a broken
@@ -203,12 +219,22 @@ impl Ledger {
             expired: Vec::new(),
             audit: Vec::new(),
             recounted: HashMap::new(),
+            stale: Vec::new(),
         };
         for (key, period, totals) in loaded.recounted {
             ledger.recounted.entry(key).or_default().insert(period, totals);
         }
         for hold in loaded.expiring {
             if let Some(account) = ledger.accounts.get_mut(&hold.account) {
+                if let Some(cursor) = account.value.as_of.filter(|cursor| hold.expires_at <= *cursor) {
+                    ledger.stale.push(StaleHold {
+                        account: hold.account.clone(),
+                        transaction_id: hold.id.clone(),
+                        expires_at: hold.expires_at,
+                        cursor,
+                        amount: hold.amount,
+                    });
+                }
                 account.value.release_expired(hold.created_at, hold.amount);
                 ledger.expired.push((hold.id, hold.account));
             }
@@ -262,6 +288,36 @@ impl Ledger {
             }
         }
         found.sort_by(|a, b| (&a.account, a.period).cmp(&(&b.account, b.period)));
+        found
+    }
+
+    /// The holds this batch found behind their accounts' expiry cursors (see [`StaleHold`]), in key and id
+    /// order. The ledger released them at `now` like any expired hold.
+    pub fn stale_holds(&self) -> Vec<StaleHold> {
+        let mut found = self.stale.clone();
+        found.sort_by(|a, b| (&a.account, &a.transaction_id).cmp(&(&b.account, &b.transaction_id)));
+        found
+    }
+
+    /// Records the release of the stale holds (which the batch's write carries out) as repairs: one audit
+    /// event per account (by `by`), listing them. Returns them.
+    pub fn repair_stale_holds(&mut self, by: &super::Actor) -> Vec<StaleHold> {
+        let found = self.stale_holds();
+        let mut by_account: BTreeMap<&AccountKey, Vec<serde_json::Value>> = BTreeMap::new();
+        for h in &found {
+            by_account.entry(&h.account).or_default().push(serde_json::json!({
+                "transaction_id": h.transaction_id.as_str(),
+                "expires_at": h.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "amount": h.amount.to_string(),
+            }));
+        }
+        for (key, holds) in by_account {
+            self.audit.push(
+                super::AuditEvent::new(by, self.now, super::AuditAction::TotalsRepair, "holds")
+                    .on(&key.key_id, Some(&key.unit))
+                    .change(Some(serde_json::json!({ "unreleased_expired_holds": holds })), None),
+            );
+        }
         found
     }
 

@@ -21,7 +21,7 @@ pub use auth::{
 };
 pub use ledger::{
     Changes, Committed, Divergence, Exceeded, Ledger, Loaded, Rejection, Reserve, ReserveOutcome, Reversed,
-    windows_of,
+    StaleHold, windows_of,
 };
 pub use limit::{
     EffectiveLimit, LimitName, LimitSource, LimitSpec, MAX_KEYS_PER_RESERVATION, MAX_LIMITS, MAX_RATE, Plan,

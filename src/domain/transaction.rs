@@ -90,5 +90,6 @@ pub struct ExpiringHold {
     pub id: TransactionId,
     pub account: AccountKey,
     pub created_at: Timestamp,
+    pub expires_at: Timestamp,
     pub amount: i64,
 }

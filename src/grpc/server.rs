@@ -296,9 +296,10 @@ async fn sweep<S: Store>(app: Allowance<S>, interval: Duration, stopped: Cancell
     }
 }
 
-/// Every `interval`, checks every account's running totals against the ledger — on one replica at a time
-/// (a database advisory lock; a replica that finds it taken skips the round) — and reports what diverges:
-/// an ERROR line per diverging period and the gauge `allowance_reconcile_divergences`. It never repairs:
+/// Every `interval`, checks every account's running totals and hold bookkeeping against the ledger — on one
+/// replica at a time (a database advisory lock; a replica that finds it taken skips the round) — and reports
+/// what diverges: an ERROR line per diverging period, stale hold or account whose bookkeeping diverges, and
+/// their number in the gauge `allowance_reconcile_divergences`. It never repairs:
 /// a divergence is a bug or a hand edit to look at (`allowance reconcile --repair` fixes it). Stops when
 /// shutdown begins.
 async fn reconcile<S: Store>(app: Allowance<S>, interval: Duration, shutdown: CancellationToken) {
@@ -327,11 +328,37 @@ async fn reconcile<S: Store>(app: Allowance<S>, interval: Duration, shutdown: Ca
                         "running totals diverge from the ledger (allowance reconcile --repair fixes them)"
                     );
                 }
-                gauge!("allowance_reconcile_divergences").set(report.divergences.len() as f64);
+                for h in &report.stale_holds {
+                    tracing::error!(
+                        key = %h.account.key_id,
+                        unit = %h.account.unit,
+                        transaction_id = %h.transaction_id,
+                        expires_at = %h.expires_at,
+                        last_write = %h.cursor,
+                        "a hold expired before its account's last write and was never released \
+                         (allowance reconcile --repair releases it)"
+                    );
+                }
+                for b in &report.hold_bookkeeping {
+                    tracing::error!(
+                        key = %b.account.key_id,
+                        unit = %b.account.unit,
+                        open_holds = b.open_holds,
+                        open_hold_rows = b.open_hold_rows,
+                        holds_until = ?b.holds_until,
+                        latest_open_expiry = ?b.latest_expiry_after_cursor,
+                        "an account's hold bookkeeping diverges from its rows (allowance reconcile --repair fixes it)"
+                    );
+                }
+                let found =
+                    report.divergences.len() + report.stale_holds.len() + report.hold_bookkeeping.len();
+                gauge!("allowance_reconcile_divergences").set(found as f64);
                 counter!("allowance_reconcile_runs_total", "result" => "ok").increment(1);
                 tracing::info!(
                     accounts = report.accounts,
                     divergences = report.divergences.len(),
+                    stale_holds = report.stale_holds.len(),
+                    hold_bookkeeping = report.hold_bookkeeping.len(),
                     elapsed = ?started.elapsed(),
                     "reconciled running totals with the ledger"
                 );

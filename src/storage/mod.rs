@@ -8,8 +8,8 @@ use chrono::TimeDelta;
 use crate::domain::rate::RateBook;
 use crate::domain::rules::Rule;
 use crate::domain::{
-    AccountKey, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, KeyId, Ledger, LimitName, Period,
-    Plan, PlanName, Rejection, Timestamp, Transaction, TransactionId,
+    AccountKey, Actor, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, KeyId, Ledger, LimitName,
+    Period, Plan, PlanName, Rejection, Timestamp, Transaction, TransactionId,
 };
 
 pub mod memory;
@@ -186,6 +186,23 @@ pub trait Store: Send + Sync + 'static {
     /// key (or the sweeper) releases it.
     fn open_holds(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
+    /// The accounts among `accounts` whose hold bookkeeping differs from their rows (reconciliation; reads
+    /// only).
+    fn hold_bookkeeping(
+        &self,
+        accounts: &[AccountKey],
+    ) -> impl Future<Output = Result<Vec<HoldBookkeeping>, StorageError>> + Send;
+
+    /// Sets the hold bookkeeping of the accounts among `accounts` that differ to what their rows say, under
+    /// the accounts' row locks, recording a `totals.repair` audit event per account (by `by`, at `now`).
+    /// Returns what it found.
+    fn repair_hold_bookkeeping(
+        &self,
+        accounts: &[AccountKey],
+        by: &Actor,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Vec<HoldBookkeeping>, StorageError>> + Send;
+
     /// What still counts in `period` of `account` at `now` among transactions created at or after `from`: its
     /// open holds, and for rolling periods its committed spend oldest first, at most `max_committed` rows.
     fn counted(
@@ -354,6 +371,31 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// A plan as stored, with how many keys are on it.
+/// An account whose hold bookkeeping differs from its rows (found by reconciliation): the count of its open
+/// holds (those whose first key it is), or the latest expiry the sweeper looks for, which must cover every
+/// open hold expiring after the account's cursor (its last write).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldBookkeeping {
+    pub account: AccountKey,
+    /// `open_holds` as counted on the account.
+    pub open_holds: i32,
+    /// Its open holds in the rows.
+    pub open_hold_rows: i32,
+    /// `holds_until` as kept on the account (`None`: no hold since it was last retired).
+    pub holds_until: Option<Timestamp>,
+    /// The latest expiry among its open holds that expire after its cursor.
+    pub latest_expiry_after_cursor: Option<Timestamp>,
+    /// The account's last write.
+    pub cursor: Timestamp,
+}
+
+impl HoldBookkeeping {
+    /// `holds_until` raised to cover every open hold after the cursor.
+    pub fn repaired_holds_until(&self) -> Option<Timestamp> {
+        self.holds_until.max(self.latest_expiry_after_cursor)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanInfo {
     pub plan: Plan,

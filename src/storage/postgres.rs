@@ -11,17 +11,18 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction as PgTx};
 
 use super::{
-    Access, BatchOutput, Cursor, HistoryPartition, PartitionDrop, PlanDeletion, PlanInfo, PoolStats,
-    StorageError, Store, sorted_unique,
+    Access, BatchOutput, Cursor, HistoryPartition, HoldBookkeeping, PartitionDrop, PlanDeletion, PlanInfo,
+    PoolStats, StorageError, Store, sorted_unique,
 };
 use crate::domain::{
-    Account, AccountKey, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Changes, Counted,
+    Account, AccountKey, Actor, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Changes, Counted,
     ExpiringHold, KeyId, Ledger, LimitName, LimitSpec, Loaded, MAX_HOLD_TTL, Metadata, Period, Plan,
     PlanName, Rejection, Timestamp, Totals, Transaction, TransactionId, TxState, Unit,
 };
 
 mod audit;
 mod history;
+mod holds;
 mod rates;
 
 /// Embedded migrations, the same files `sqlx migrate run` applies.
@@ -492,6 +493,19 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn hold_bookkeeping(&self, accounts: &[AccountKey]) -> Result<Vec<HoldBookkeeping>, StorageError> {
+        holds::check(&self.pool, accounts).await
+    }
+
+    async fn repair_hold_bookkeeping(
+        &self,
+        accounts: &[AccountKey],
+        by: &Actor,
+        now: Timestamp,
+    ) -> Result<Vec<HoldBookkeeping>, StorageError> {
+        holds::repair(&self.pool, accounts, by, now).await
     }
 
     async fn counted(
@@ -1213,6 +1227,7 @@ impl LoadRow {
             id: parse_stored(TransactionId::parse(self.transaction_id.ok_or_else(missing)?))?,
             account: (*owner).clone(),
             created_at: self.created_at.ok_or_else(missing)?,
+            expires_at: self.expires_at.ok_or_else(missing)?,
             amount: self.amount.ok_or_else(missing)?,
         })
     }
@@ -1238,12 +1253,13 @@ async fn load(
     let mut account_ids = HashMap::with_capacity(rows.len());
     let mut loaded = Loaded { also: also.to_vec(), ..Loaded::default() };
     // Each account's expiry cursor: its holds expiring by its last write have been released (see the
-    // migration 20261204000001). Fresh accounts of a read (id 0) have no rows to find.
+    // migration 20261204000001). Fresh accounts of a read (id 0) have no rows to find. A recount looks
+    // behind the cursors too: a hold found there is one the cursor's promise missed (`StaleHold`).
     let (mut row_ids, mut released_to) = (Vec::new(), Vec::new());
     for row in rows {
         if row.id != 0 {
             row_ids.push(row.id);
-            released_to.push(row.updated_at);
+            released_to.push(if recount { NEVER_WRITTEN } else { row.updated_at });
         }
         let (id, account) = row.into_domain()?;
         account_ids.insert(account.key.clone(), id);

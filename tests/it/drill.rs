@@ -359,6 +359,12 @@ pub async fn verify(pool: &PgPool, outcomes: &Outcomes, clock: Arc<dyn Clock>) {
     for d in report.divergences {
         problems.push(format!("running totals diverge from the ledger: {d:?}"));
     }
+    for h in report.stale_holds {
+        problems.push(format!("a hold behind its account's expiry cursor: {h:?}"));
+    }
+    for b in report.hold_bookkeeping {
+        problems.push(format!("hold bookkeeping diverges from the rows: {b:?}"));
+    }
     assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
 }
 
