@@ -79,16 +79,20 @@ plant_divergence() { # key committed
   assert_usage "$KEY" daily held=300 # nothing would ever release it
 
   run -4 allowance reconcile
+  assert_contains "$output" "diverged: key $KEY unit default period rolling 86400s: running committed 0 held 300"
   assert_contains "$output" "stale: key $KEY unit default hold $TX-1 of 300 expired"
   assert_contains "$output" "diverged: key $KEY2 unit default open holds counted 3, in the rows 1"
-  assert_contains "$output" "1 stale hold(s), 1 account(s) with diverging hold bookkeeping, not repaired"
+  assert_contains "$output" \
+    "1 diverging period(s), 1 stale hold(s), 1 account(s) with diverging hold bookkeeping, not repaired"
   run -4 allowance reconcile --json
-  assert_json --arg k "$KEY" --arg k2 "$KEY2" --arg t "$TX-1" '.divergences == []
+  assert_json --arg k "$KEY" --arg k2 "$KEY2" --arg t "$TX-1" '
+    (.divergences | length == 1 and .[0].key_id == $k and .[0].running.held == "300" and .[0].ledger.held == "0")
     and (.stale_holds | length == 1 and .[0].key_id == $k and .[0].transaction_id == $t and .[0].amount == "300")
     and (.hold_bookkeeping | length == 1 and .[0].key_id == $k2 and .[0].open_holds == {counted: 3, rows: 1})'
 
   run -0 allowance reconcile --repair
-  assert_contains "$output" "1 stale hold(s), 1 account(s) with diverging hold bookkeeping repaired"
+  assert_contains "$output" \
+    "1 diverging period(s), 1 stale hold(s), 1 account(s) with diverging hold bookkeeping repaired"
   run -0 allowance reconcile
   assert_usage "$KEY" daily held=0 remaining=1000
   run -0 psql "$DATABASE_URL" -qtA -c "SELECT string_agg(key_id || '=' || open_holds, ',' ORDER BY key_id)

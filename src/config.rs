@@ -58,8 +58,9 @@ pub struct ServeConfig {
     /// How often holds that expired on keys nobody has called since are released.
     #[arg(long, env = "ALLOWANCE_SWEEP_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
-    /// How often every account's running totals are checked against the ledger, on one replica at a time
-    /// (report only: a log line per divergence and the allowance_reconcile_divergences gauge); 0 turns it off.
+    /// How often every account's running totals and hold bookkeeping are checked against the ledger, on one
+    /// replica at a time (report only: a log line per divergence and the allowance_reconcile_divergences
+    /// gauge); 0 turns it off.
     #[arg(long, env = "ALLOWANCE_RECONCILE_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
     /// How often partitions of the transaction history are created ahead and old ones dropped, on one

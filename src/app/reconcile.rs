@@ -4,16 +4,18 @@
 //! ([`Access::Check`]) that refreshes the running totals to `now` as any batch does and sums every tracked
 //! period from history with the same statement that gives a newly applied period its totals, and the ledger
 //! compares the two ([`Ledger::divergences`](crate::domain::Ledger::divergences)). The snapshot blocks no
-//! one and sees no half-applied batch. The same batch looks for holds behind each account's expiry cursor,
-//! which nothing would ever release ([`StaleHold`]), and a second statement compares each account's count of
-//! open holds and latest hold expiry with its rows ([`HoldBookkeeping`]).
+//! one and sees no half-applied batch. A second statement reads every open hold of the page's accounts
+//! ([`Store::check_holds`]): those behind their account's expiry cursor, which nothing would ever release
+//! ([`StaleHold`]), and each account's count of open holds and latest hold expiry against its rows
+//! ([`HoldBookkeeping`]).
 //!
 //! A repair runs one more batch for the accounts found diverging or with stale holds, under their row locks
-//! ([`Access::Repair`]), like every other change: it finds the divergences again there, releases the stale
-//! holds as any expired hold is released, sets the diverging periods' totals to the recount, and records a
-//! `totals.repair` audit event per account in the same database transaction. Then the bookkeeping of the
-//! accounts whose counts differ is set to what their rows say, under their row locks, with its own
-//! `totals.repair` events.
+//! ([`Access::Repair`]), like every other change: it finds the divergences again there, sets those periods'
+//! totals to the recount, releases the stale holds' rows (and nothing else: the recount has the totals
+//! right whether or not they still counted a stale hold), and records `totals.repair` audit events in the
+//! same database transaction. Then the hold bookkeeping of the accounts found wrong or with stale holds is
+//! set to what their rows now say, under their row locks, with its own `totals.repair` events. The report
+//! of a repair lists the divergences and stale holds it repaired and the bookkeeping the check found.
 
 use super::{Allowance, Error, metrics};
 use crate::domain::{AccountKey, Actor, Divergence, StaleHold};
@@ -31,8 +33,8 @@ pub struct Reconciliation {
     pub divergences: Vec<Divergence>,
     /// Holds that still counted behind their account's expiry cursor; with a repair, those it released.
     pub stale_holds: Vec<StaleHold>,
-    /// Accounts whose count of open holds or latest hold expiry differs from their rows; with a repair,
-    /// those it set right.
+    /// Accounts whose count of open holds or latest hold expiry differed from their rows when checked (a
+    /// repair then sets them to what the rows say).
     pub hold_bookkeeping: Vec<HoldBookkeeping>,
     /// Whether what was found was repaired.
     pub repaired: bool,
@@ -57,53 +59,57 @@ impl<S: Store> Allowance<S> {
                 self.store.account_keys(after.as_ref(), PAGE).await.inspect_err(metrics::storage_error)?;
             let Some(last) = page.last().cloned() else { break };
             report.accounts += page.len() as u64;
-            let (found, stale) = self
+            let found = self
                 .store
-                .with_ledger(Access::Check, &page, &[], &[], self.clock.now(), |ledger| {
-                    (ledger.divergences(), ledger.stale_holds())
-                })
+                .with_ledger(Access::Check, &page, &[], &[], self.clock.now(), |ledger| ledger.divergences())
                 .await
                 .inspect_err(metrics::storage_error)?
                 .value;
-            match repair {
-                Some(by) if !found.is_empty() || !stale.is_empty() => {
-                    let mut diverged: Vec<AccountKey> = found
-                        .into_iter()
-                        .map(|d| d.account)
-                        .chain(stale.into_iter().map(|h| h.account))
-                        .collect();
-                    diverged.sort();
-                    diverged.dedup();
-                    let (repaired, released) = self
-                        .store
-                        .with_ledger(Access::Repair, &diverged, &[], &[], self.clock.now(), |ledger| {
-                            (ledger.repair(by), ledger.repair_stale_holds(by))
-                        })
-                        .await
-                        .inspect_err(metrics::storage_error)?
-                        .value;
-                    report.divergences.extend(repaired);
-                    report.stale_holds.extend(released);
-                }
-                _ => {
-                    report.divergences.extend(found);
-                    report.stale_holds.extend(stale);
-                }
+            let holds = self.store.check_holds(&page).await.inspect_err(metrics::storage_error)?;
+            let Some(by) = repair else {
+                report.divergences.extend(found);
+                report.stale_holds.extend(holds.stale);
+                report.hold_bookkeeping.extend(holds.bookkeeping);
+                after = Some(last);
+                continue;
+            };
+            // The ledger's repair first: it sets the totals to the recount and releases the stale holds'
+            // rows. Then the bookkeeping, counted from the rows as they are after those releases.
+            let mut diverged: Vec<AccountKey> = found
+                .iter()
+                .map(|d| d.account.clone())
+                .chain(holds.stale.iter().map(|h| h.account.clone()))
+                .collect();
+            diverged.sort();
+            diverged.dedup();
+            if !diverged.is_empty() {
+                let (repaired, released) = self
+                    .store
+                    .with_ledger(Access::Repair, &diverged, &[], &[], self.clock.now(), |ledger| {
+                        (ledger.repair(by), ledger.repair_stale_holds(by))
+                    })
+                    .await
+                    .inspect_err(metrics::storage_error)?
+                    .value;
+                report.divergences.extend(repaired);
+                report.stale_holds.extend(released);
             }
-            // After the ledger's repair, which releases the stale holds and so changes the counts.
-            let counts = self.store.hold_bookkeeping(&page).await.inspect_err(metrics::storage_error)?;
-            match repair {
-                Some(by) if !counts.is_empty() => {
-                    let accounts: Vec<AccountKey> = counts.into_iter().map(|c| c.account).collect();
-                    let repaired = self
-                        .store
-                        .repair_hold_bookkeeping(&accounts, by, self.clock.now())
-                        .await
-                        .inspect_err(metrics::storage_error)?;
-                    report.hold_bookkeeping.extend(repaired);
-                }
-                _ => report.hold_bookkeeping.extend(counts),
+            let mut counted: Vec<AccountKey> = holds
+                .bookkeeping
+                .iter()
+                .map(|b| b.account.clone())
+                .chain(holds.stale.iter().map(|h| h.account.clone()))
+                .collect();
+            counted.sort();
+            counted.dedup();
+            if !counted.is_empty() {
+                self.store
+                    .repair_hold_bookkeeping(&counted, by, self.clock.now())
+                    .await
+                    .inspect_err(metrics::storage_error)?;
             }
+            // What was found: a stale hold's release may have set its account's count right already.
+            report.hold_bookkeeping.extend(holds.bookkeeping);
             after = Some(last);
         }
         Ok(report)

@@ -47,7 +47,12 @@ Examples:
   allowance reconcile --repair --json";
 
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
-    let store = PgStore::connect(&args.database_url, 2).await.context("connecting to the database")?;
+    // The database's clock, as `allowance serve` uses: a repair's batches then decide (and move each
+    // account's expiry cursor) at the time the replicas use, whatever this machine's clock says.
+    let store = PgStore::connect(&args.database_url, 2)
+        .await
+        .context("connecting to the database")?
+        .with_database_clock();
     store.ready().await.context("the database is not ready (run `allowance migrate`)")?;
     let app = Allowance::new(Arc::new(store.clone()), Arc::new(SystemClock));
     let by = Actor::anonymous("cli:reconcile", uuid::Uuid::new_v4().to_string());

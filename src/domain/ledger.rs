@@ -144,11 +144,12 @@ pub struct Ledger {
     stale: Vec<StaleHold>,
 }
 
-/// A hold that still counted after its account's expiry cursor had passed its expiry: it expired at or
-/// before the account's last write, which promises that every such hold was released (see the migration
-/// 20261204000001). Nothing releases it in the normal course: it counts as held, and keeps its partition,
-/// for ever. Only a reconciliation loads one (it looks behind the cursor), and the batch that loads it
-/// releases it as any expired hold; a repair writes that release.
+/// A hold still open behind its account's expiry cursor: it expired at or before the account's last write,
+/// which promises that every such hold was released (see the migration 20261204000001). Nothing releases it
+/// in the normal course: its row stays open, and keeps its partition, for ever (and, if the account's totals
+/// still count it, it counts as held for ever). Reconciliation finds them (`Store::check_holds`); only its
+/// repair batch loads them (it looks behind the cursor), and the ledger then releases the row alone,
+/// leaving the totals to the repair's recount and the open-hold count to the bookkeeping repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaleHold {
     pub account: AccountKey,
@@ -226,16 +227,18 @@ impl Ledger {
         }
         for hold in loaded.expiring {
             if let Some(account) = ledger.accounts.get_mut(&hold.account) {
-                if let Some(cursor) = account.value.as_of.filter(|cursor| hold.expires_at <= *cursor) {
-                    ledger.stale.push(StaleHold {
+                // A stale hold's row is released, and nothing else: whether the totals still count it depends
+                // on how it came to be stale, and the recount of a repair sets them right either way.
+                match account.value.as_of.filter(|cursor| hold.expires_at <= *cursor) {
+                    Some(cursor) => ledger.stale.push(StaleHold {
                         account: hold.account.clone(),
                         transaction_id: hold.id.clone(),
                         expires_at: hold.expires_at,
                         cursor,
                         amount: hold.amount,
-                    });
+                    }),
+                    None => account.value.release_expired(hold.created_at, hold.amount),
                 }
-                account.value.release_expired(hold.created_at, hold.amount);
                 ledger.expired.push((hold.id, hold.account));
             }
         }
@@ -292,7 +295,7 @@ impl Ledger {
     }
 
     /// The holds this batch found behind their accounts' expiry cursors (see [`StaleHold`]), in key and id
-    /// order. The ledger released them at `now` like any expired hold.
+    /// order. The ledger released their rows at `now`.
     pub fn stale_holds(&self) -> Vec<StaleHold> {
         let mut found = self.stale.clone();
         found.sort_by(|a, b| (&a.account, &a.transaction_id).cmp(&(&b.account, &b.transaction_id)));

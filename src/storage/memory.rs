@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use super::{
-    Access, BatchOutput, Cursor, HistoryPartition, HoldBookkeeping, PartitionDrop, PlanDeletion, PlanInfo,
-    StorageError, Store, sorted_unique,
+    Access, BatchOutput, Cursor, HistoryPartition, HoldBookkeeping, HoldCheck, PartitionDrop, PlanDeletion,
+    PlanInfo, StorageError, Store, sorted_unique,
 };
 use crate::domain::rate::{RateBook, RateState};
 use crate::domain::rules::Rule;
@@ -264,10 +264,10 @@ impl Store for MemoryStore {
         Ok(state.transactions.values().filter(open).count() as u64)
     }
 
-    async fn hold_bookkeeping(&self, _accounts: &[AccountKey]) -> Result<Vec<HoldBookkeeping>, StorageError> {
+    async fn check_holds(&self, _accounts: &[AccountKey]) -> Result<HoldCheck, StorageError> {
         // Nothing to diverge: the open holds and the expired ones are found from the transactions themselves
-        // on every read (see `open_holds` and `with_ledger`), never counted apart.
-        Ok(Vec::new())
+        // on every read (see `open_holds` and `with_ledger`), never counted apart or behind a cursor.
+        Ok(HoldCheck::default())
     }
 
     async fn repair_hold_bookkeeping(

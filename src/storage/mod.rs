@@ -9,7 +9,7 @@ use crate::domain::rate::RateBook;
 use crate::domain::rules::Rule;
 use crate::domain::{
     AccountKey, Actor, AuditEvent, AuditFilter, CallerId, CallerRecord, Counted, KeyId, Ledger, LimitName,
-    Period, Plan, PlanName, Rejection, Timestamp, Transaction, TransactionId,
+    Period, Plan, PlanName, Rejection, StaleHold, Timestamp, Transaction, TransactionId,
 };
 
 pub mod memory;
@@ -63,7 +63,9 @@ pub enum Access {
     /// As `Read`, and every tracked period of every account is also summed from history
     /// ([`Loaded::recounted`](crate::domain::Loaded)): reconciliation's check, which blocks no one.
     Check,
-    /// As `Write`, with the recount of `Check`: reconciliation's repair, under the accounts' row locks.
+    /// As `Write`, with the recount of `Check`: reconciliation's repair, under the accounts' row locks. It
+    /// also loads the holds behind each account's expiry cursor, which the ledger releases
+    /// ([`StaleHold`](crate::domain::StaleHold)).
     Repair,
 }
 
@@ -186,12 +188,12 @@ pub trait Store: Send + Sync + 'static {
     /// key (or the sweeper) releases it.
     fn open_holds(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
 
-    /// The accounts among `accounts` whose hold bookkeeping differs from their rows (reconciliation; reads
-    /// only).
-    fn hold_bookkeeping(
+    /// The open holds behind the expiry cursors of `accounts`, and the accounts whose hold bookkeeping differs
+    /// from their rows (reconciliation; reads only, one statement over every row of each account).
+    fn check_holds(
         &self,
         accounts: &[AccountKey],
-    ) -> impl Future<Output = Result<Vec<HoldBookkeeping>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<HoldCheck, StorageError>> + Send;
 
     /// Sets the hold bookkeeping of the accounts among `accounts` that differ to what their rows say, under
     /// the accounts' row locks, recording a `totals.repair` audit event per account (by `by`, at `now`).
@@ -370,7 +372,6 @@ pub trait Store: Send + Sync + 'static {
     fn ready(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
 }
 
-/// A plan as stored, with how many keys are on it.
 /// An account whose hold bookkeeping differs from its rows (found by reconciliation): the count of its open
 /// holds (those whose first key it is), or the latest expiry the sweeper looks for, which must cover every
 /// open hold expiring after the account's cursor (its last write).
@@ -396,6 +397,16 @@ impl HoldBookkeeping {
     }
 }
 
+/// What [`Store::check_holds`] found wrong with some accounts' holds, in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HoldCheck {
+    /// Open holds behind their account's expiry cursor.
+    pub stale: Vec<StaleHold>,
+    /// Accounts whose count of open holds or latest hold expiry differs from their rows.
+    pub bookkeeping: Vec<HoldBookkeeping>,
+}
+
+/// A plan as stored, with how many keys are on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanInfo {
     pub plan: Plan,

@@ -11,8 +11,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction as PgTx};
 
 use super::{
-    Access, BatchOutput, Cursor, HistoryPartition, HoldBookkeeping, PartitionDrop, PlanDeletion, PlanInfo,
-    PoolStats, StorageError, Store, sorted_unique,
+    Access, BatchOutput, Cursor, HistoryPartition, HoldBookkeeping, HoldCheck, PartitionDrop, PlanDeletion,
+    PlanInfo, PoolStats, StorageError, Store, sorted_unique,
 };
 use crate::domain::{
     Account, AccountKey, Actor, AgedOut, AuditEvent, AuditFilter, CallerId, CallerRecord, Changes, Counted,
@@ -223,7 +223,8 @@ impl PgStore {
             false => now,
         };
         let now = rows.iter().map(|r| r.updated_at).fold(now, Timestamp::max);
-        let (account_ids, loaded, stored) = load(&mut tx, rows, ids, also, now, access.recounts()).await?;
+        let (account_ids, loaded, stored) =
+            load(&mut tx, rows, ids, also, now, access.recounts(), access == Access::Repair).await?;
         let mut ledger = Ledger::open(now, loaded);
         let value = apply(&mut ledger);
         let changes = ledger.into_changes();
@@ -495,7 +496,7 @@ impl Store for PgStore {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    async fn hold_bookkeeping(&self, accounts: &[AccountKey]) -> Result<Vec<HoldBookkeeping>, StorageError> {
+    async fn check_holds(&self, accounts: &[AccountKey]) -> Result<HoldCheck, StorageError> {
         holds::check(&self.pool, accounts).await
     }
 
@@ -1249,17 +1250,20 @@ async fn load(
     also: &[(AccountKey, Period)],
     now: Timestamp,
     recount: bool,
+    look_behind: bool,
 ) -> Result<(HashMap<AccountKey, i64>, Loaded, Stored), Attempt> {
     let mut account_ids = HashMap::with_capacity(rows.len());
     let mut loaded = Loaded { also: also.to_vec(), ..Loaded::default() };
     // Each account's expiry cursor: its holds expiring by its last write have been released (see the
-    // migration 20261204000001). Fresh accounts of a read (id 0) have no rows to find. A recount looks
+    // migration 20261204000001). Fresh accounts of a read (id 0) have no rows to find. A repair looks
     // behind the cursors too: a hold found there is one the cursor's promise missed (`StaleHold`).
     let (mut row_ids, mut released_to) = (Vec::new(), Vec::new());
+    let mut cursors = HashMap::new();
     for row in rows {
         if row.id != 0 {
             row_ids.push(row.id);
-            released_to.push(if recount { NEVER_WRITTEN } else { row.updated_at });
+            released_to.push(if look_behind { NEVER_WRITTEN } else { row.updated_at });
+            cursors.insert(row.id, row.updated_at);
         }
         let (id, account) = row.into_domain()?;
         account_ids.insert(account.key.clone(), id);
@@ -1382,7 +1386,13 @@ async fn load(
                 loaded.transactions.push(tx);
             }
             2 => {
-                let first = row.i == Some(0);
+                // A stale hold is not counted off its first key's open holds on release: whether the count
+                // still has it depends on how it came to be stale; the bookkeeping repair that follows sets
+                // the count from the rows.
+                let cursor = row.account_id.and_then(|id| cursors.get(&id));
+                let stale =
+                    cursor.zip(row.expires_at).is_some_and(|(cursor, expires_at)| expires_at <= *cursor);
+                let first = row.i == Some(0) && !stale;
                 let hold = row.into_expiring(&owners)?;
                 if first {
                     stored.expiring_first.insert(hold.id.clone(), hold.account.clone());

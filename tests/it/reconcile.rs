@@ -167,76 +167,122 @@ async fn reconciliation_runs_on_one_replica_at_a_time(pool: PgPool) {
     assert_eq!(two.exclusively(RECONCILE_JOB, async { "second" }).await.unwrap(), Some("second"));
 }
 
-/// A hold behind its account's expiry cursor (it expired before the account's last write, yet was never
-/// released: a bug or a hand edit) counts as held for ever, for nothing looks behind a cursor. An account's
+/// A hold behind its account's expiry cursor (it expired at or before the account's last write, yet its row
+/// is still open: a bug or a hand edit) is never released, for nothing looks behind a cursor. An account's
 /// count of open holds, or its latest hold expiry, that differs from its rows misleads the gauge and keeps
-/// the sweeper away. Reconciliation reports both; a repair releases the hold and sets the bookkeeping right.
+/// the sweeper away. Reconciliation reports both exactly as the database has them — totals that still count
+/// a stale hold diverge, totals that had already let it go do not — and a repair sets everything right.
 #[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
 async fn stale_holds_and_diverging_hold_bookkeeping_are_found_and_repaired(pool: PgPool) {
     let clock = ManualClock::new(epoch());
     let s = TestServer::on(&pool, &clock).await;
     let mut c = s.client.clone();
-    for key in ["a", "b"] {
+    for key in ["a", "b", "c", "d"] {
         put_limit(&mut c, key, limit("daily", rolling(86_400), Some(1_000))).await.unwrap();
     }
-    let short = pb::ReserveSpendingRequest {
+    let short = |key: &str, id: &str, amount: i64| pb::ReserveSpendingRequest {
         hold_ttl: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
-        ..reserve_req("a", "a-stale", 300)
+        ..reserve_req(key, id, amount)
     };
-    assert!(c.reserve_spending(short).await.unwrap().into_inner().allowed);
+    assert!(c.reserve_spending(short("a", "a-stale", 300)).await.unwrap().into_inner().allowed);
     assert!(reserve(&mut c, "b", "b-open", 200).await.allowed);
+    assert!(reserve(&mut c, "c", "c-open", 100).await.allowed);
+    assert!(c.reserve_spending(short("d", "d-1", 50)).await.unwrap().into_inner().allowed);
+    clock.advance(TimeDelta::minutes(2));
+    // Releases d-1 (totals, count, row) and moves d's cursor past it.
+    assert!(reserve(&mut c, "d", "d-2", 70).await.allowed);
     let app = reconciler(&pool, &clock);
     assert!(app.reconcile(None).await.unwrap().is_consistent());
 
-    // Key a's cursor moves past its hold's expiry without releasing it; key b loses its bookkeeping.
-    sqlx::query("UPDATE accounts SET updated_at = updated_at + interval '2 minutes' WHERE key_id = 'a'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE accounts SET open_holds = 3, holds_until = NULL WHERE key_id = 'b'")
-        .execute(&pool)
-        .await
-        .unwrap();
-    clock.advance(TimeDelta::minutes(5));
+    // Key a's cursor moves past its hold's expiry without releasing anything; d-1's row is open again after
+    // its release; b loses its count and latest expiry, c its latest expiry alone.
+    for edit in [
+        "UPDATE accounts SET updated_at = updated_at + interval '2 minutes' WHERE key_id = 'a'",
+        "UPDATE transactions SET state = 1 WHERE transaction_id = 'd-1'",
+        "UPDATE accounts SET open_holds = 3, holds_until = NULL WHERE key_id = 'b'",
+        "UPDATE accounts SET holds_until = NULL WHERE key_id = 'c'",
+    ] {
+        sqlx::query(edit).execute(&pool).await.unwrap();
+    }
+    clock.advance(TimeDelta::minutes(3));
     let held = |r: pb::GetLimitsResponse| r.limits.iter().find(|l| l.name == "daily").unwrap().held;
     assert_eq!(held(limits(&mut c, "a").await), 300, "the stale hold still counts");
+    assert_eq!(held(limits(&mut c, "d").await), 70);
 
     let report = app.reconcile(None).await.unwrap();
-    assert_eq!(report.divergences, vec![], "released in the check's refresh, the totals equal the ledger");
-    assert_eq!(report.stale_holds.len(), 1, "{report:?}");
-    let stale = &report.stale_holds[0];
-    assert_eq!((stale.account.key_id.as_str(), stale.transaction_id.as_str()), ("a", "a-stale"));
-    assert_eq!((stale.amount, stale.expires_at), (300, epoch() + TimeDelta::seconds(60)));
-    assert_eq!(report.hold_bookkeeping.len(), 1, "{report:?}");
-    let b = &report.hold_bookkeeping[0];
-    assert_eq!(b.account.key_id.as_str(), "b");
-    assert_eq!((b.open_holds, b.open_hold_rows), (3, 1));
-    assert_eq!((b.holds_until, b.latest_expiry_after_cursor), (None, Some(epoch() + TimeDelta::minutes(15))));
+    let day = Period::Rolling(TimeDelta::days(1));
+    assert_eq!(report.divergences.len(), 1, "{report:?}");
+    let d = &report.divergences[0];
+    assert_eq!(
+        (d.account.key_id.as_str(), d.period),
+        ("a", day),
+        "only a's totals still count its stale hold"
+    );
+    assert_eq!((d.running.held, d.ledger.held), (300, 0));
+    let stale: Vec<(&str, &str, i64)> = report
+        .stale_holds
+        .iter()
+        .map(|h| (h.account.key_id.as_str(), h.transaction_id.as_str(), h.amount))
+        .collect();
+    assert_eq!(stale, vec![("a", "a-stale", 300), ("d", "d-1", 50)]);
+    assert_eq!(report.stale_holds[0].expires_at, epoch() + TimeDelta::seconds(60));
+    let expiry = |minutes| Some(epoch() + TimeDelta::minutes(minutes));
+    let bookkeeping: Vec<_> = report
+        .hold_bookkeeping
+        .iter()
+        .map(|b| {
+            (
+                b.account.key_id.as_str(),
+                b.open_holds,
+                b.open_hold_rows,
+                b.holds_until,
+                b.latest_expiry_after_cursor,
+            )
+        })
+        .collect();
+    assert_eq!(
+        bookkeeping,
+        vec![
+            ("b", 3, 1, None, expiry(15)),
+            ("c", 1, 1, None, expiry(15)),
+            ("d", 1, 2, expiry(17), expiry(17))
+        ]
+    );
+    assert!(!report.repaired);
     assert_eq!(app.reconcile(None).await.unwrap(), report, "a check writes nothing");
 
     let repaired = app.reconcile(Some(&actor())).await.unwrap();
     assert!(repaired.repaired);
     assert_eq!(
-        (repaired.stale_holds.clone(), repaired.hold_bookkeeping.clone()),
-        (report.stale_holds, report.hold_bookkeeping)
+        (&repaired.divergences, &repaired.stale_holds, &repaired.hold_bookkeeping),
+        (&report.divergences, &report.stale_holds, &report.hold_bookkeeping)
     );
-    assert!(app.reconcile(None).await.unwrap().is_consistent());
+    let after = app.reconcile(None).await.unwrap();
+    assert!(after.is_consistent(), "{after:?}");
     assert_eq!(held(limits(&mut c, "a").await), 0);
-    let (state, open_a): (i16, i32) = sqlx::query_as(
-        "SELECT t.state, a.open_holds FROM transactions t JOIN accounts a ON a.id = t.account_id
-         WHERE t.transaction_id = 'a-stale'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!((state == 1, open_a), (false, 0), "released, and no longer counted open");
-    let (open_b, until_b): (i32, Option<chrono::DateTime<chrono::Utc>>) =
-        sqlx::query_as("SELECT open_holds, holds_until FROM accounts WHERE key_id = 'b'")
-            .fetch_one(&pool)
+    assert_eq!(held(limits(&mut c, "d").await), 70, "d-2 still held, d-1 not subtracted twice");
+    let open: Vec<(String, i32, Option<chrono::DateTime<chrono::Utc>>)> =
+        sqlx::query_as("SELECT key_id, open_holds, holds_until FROM accounts ORDER BY key_id")
+            .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!((open_b, until_b), (1, Some(epoch() + TimeDelta::minutes(15))));
-    for key in ["a", "b"] {
+    let open: Vec<_> = open.iter().map(|(k, n, u)| (k.as_str(), *n, *u)).collect();
+    assert_eq!(
+        open,
+        vec![
+            ("a", 0, Some(epoch() + TimeDelta::seconds(60))),
+            ("b", 1, expiry(15)),
+            ("c", 1, expiry(15)),
+            ("d", 1, expiry(17))
+        ]
+    );
+    let states: Vec<(String, i16)> =
+        sqlx::query_as("SELECT transaction_id, state FROM transactions WHERE transaction_id IN ('a-stale', 'd-1') ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(states.iter().all(|(_, state)| *state != 1), "released: {states:?}");
+    for key in ["a", "b", "c", "d"] {
         let filter = AuditFilter { key_id: Some(KeyId::parse(key).unwrap()), ..AuditFilter::default() };
         let (events, _) = app.audit_events(filter, 10).await.unwrap();
         assert!(

@@ -1,24 +1,28 @@
-//! The SQL of reconciliation's check of each account's hold bookkeeping: the count of its open holds and the
-//! latest expiry the sweeper looks for (`accounts.open_holds`, `accounts.holds_until`; see the migration
-//! 20261204000001), against its rows. Off the serving path.
+//! The SQL of reconciliation's check of each account's holds: open holds behind its expiry cursor, and its
+//! hold bookkeeping — the count of its open holds and the latest expiry the sweeper looks for
+//! (`accounts.open_holds`, `accounts.holds_until`; see the migration 20261204000001) — against its rows.
+//! Off the serving path.
 
 use sqlx::{PgConnection, PgPool};
 
-use super::{account_key, key_columns};
-use crate::domain::{AccountKey, Actor, AuditAction, AuditEvent, Timestamp};
-use crate::storage::{HoldBookkeeping, StorageError};
+use super::{account_key, key_columns, parse_stored};
+use crate::domain::{AccountKey, Actor, AuditAction, AuditEvent, StaleHold, Timestamp, TransactionId};
+use crate::storage::{HoldBookkeeping, HoldCheck, StorageError};
 
-/// The accounts among `accounts` whose bookkeeping differs from their rows.
-pub(super) async fn check(
-    pool: &PgPool,
-    accounts: &[AccountKey],
-) -> Result<Vec<HoldBookkeeping>, StorageError> {
+/// What is wrong with the holds of `accounts`, from one snapshot.
+pub(super) async fn check(pool: &PgPool, accounts: &[AccountKey]) -> Result<HoldCheck, StorageError> {
     let mut conn = pool.acquire().await?;
-    Ok(diverging(&mut conn, accounts).await?.into_iter().map(|(_, b)| b).collect())
+    let mut found = HoldCheck::default();
+    for (_, stale, bookkeeping) in read(&mut conn, accounts).await? {
+        found.stale.extend(stale);
+        found.bookkeeping.extend(bookkeeping);
+    }
+    Ok(found)
 }
 
-/// [`check`], then sets the bookkeeping of the accounts that differ to what their rows say, under their row
-/// locks (taken in id order, as batches take them), with one audit event per account (by `by`, at `now`).
+/// Sets the bookkeeping of the accounts among `accounts` that differs from their rows to what the rows say,
+/// under their row locks (taken in id order, as batches take them), with one audit event per account (by
+/// `by`, at `now`). Returns what it changed.
 pub(super) async fn repair(
     pool: &PgPool,
     accounts: &[AccountKey],
@@ -40,9 +44,13 @@ pub(super) async fn repair(
     .await?;
     // Read committed: this statement's snapshot is taken after the locks, so it sees every batch that wrote
     // these accounts before, and none can write them until the commit.
-    let found = diverging(&mut tx, accounts).await?;
+    let found: Vec<(i64, HoldBookkeeping)> = read(&mut tx, accounts)
+        .await?
+        .into_iter()
+        .filter_map(|(id, _, bookkeeping)| bookkeeping.map(|b| (id, b)))
+        .collect();
     if found.is_empty() {
-        return Ok(found.into_iter().map(|(_, b)| b).collect());
+        return Ok(Vec::new());
     }
     let ids: Vec<i64> = found.iter().map(|(id, _)| *id).collect();
     let counts: Vec<i32> = found.iter().map(|(_, b)| b.open_hold_rows).collect();
@@ -50,22 +58,22 @@ pub(super) async fn repair(
     sqlx::query!(
         r#"UPDATE accounts a SET open_holds = u.open_holds, holds_until = u.holds_until
            FROM UNNEST($1::int8[], $2::int4[], $3::timestamptz[]) AS u(id, open_holds, holds_until)
-           WHERE a.id = u.id"#,
+           WHERE a.id = ANY($1) AND a.id = u.id"#,
         &ids,
         &counts,
         &untils as &[Option<Timestamp>],
     )
     .execute(&mut *tx)
     .await?;
+    let json = |open: i32, until: Option<Timestamp>| {
+        serde_json::json!({
+            "open_holds": open,
+            "holds_until": until.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        })
+    };
     let events: Vec<AuditEvent> = found
         .iter()
         .map(|(_, b)| {
-            let json = |open: i32, until: Option<Timestamp>| {
-                serde_json::json!({
-                    "open_holds": open,
-                    "holds_until": until.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
-                })
-            };
             AuditEvent::new(by, now, AuditAction::TotalsRepair, "holds")
                 .on(&b.account.key_id, Some(&b.account.unit))
                 .change(
@@ -79,27 +87,37 @@ pub(super) async fn repair(
     Ok(found.into_iter().map(|(_, b)| b).collect())
 }
 
-/// The bookkeeping of each of `accounts` that differs from its rows, in key order, with the accounts' row ids.
-async fn diverging(
+/// Each of `accounts` with something wrong with its holds, in key order: its row id, its open holds behind
+/// its cursor, and its bookkeeping if that differs from its rows.
+async fn read(
     conn: &mut PgConnection,
     accounts: &[AccountKey],
-) -> Result<Vec<(i64, HoldBookkeeping)>, StorageError> {
+) -> Result<Vec<(i64, Vec<StaleHold>, Option<HoldBookkeeping>)>, StorageError> {
     let (keys, units) = key_columns(accounts);
     // Every open hold of the account (its share of each transaction, all partitions, by the index on
     // (account_id, expires_at)): those whose first key it is are counted on it; those expiring after its
-    // cursor must be covered by `holds_until`, or the sweeper never looks at the account while it is idle.
+    // cursor must be covered by `holds_until`, or the sweeper never looks at the account while it is idle;
+    // none may expire at or before the cursor.
     let rows = sqlx::query!(
         r#"SELECT a.id, a.key_id, a.unit, a.open_holds, a.holds_until, a.updated_at,
-                  h.rows AS "rows!", h.latest
+                  h.rows AS "rows!", h.latest, h.stale_ids AS "stale_ids!",
+                  h.stale_expiries AS "stale_expiries!", h.stale_amounts AS "stale_amounts!"
            FROM accounts a
            CROSS JOIN LATERAL (
                SELECT count(*) FILTER (WHERE t.position = 0)::int4 AS rows,
-                      max(t.expires_at) FILTER (WHERE t.expires_at > a.updated_at) AS latest
+                      max(t.expires_at) FILTER (WHERE t.expires_at > a.updated_at) AS latest,
+                      COALESCE(array_agg(t.transaction_id ORDER BY t.transaction_id)
+                                   FILTER (WHERE t.expires_at <= a.updated_at), '{}') AS stale_ids,
+                      COALESCE(array_agg(t.expires_at ORDER BY t.transaction_id)
+                                   FILTER (WHERE t.expires_at <= a.updated_at), '{}') AS stale_expiries,
+                      COALESCE(array_agg(t.amount ORDER BY t.transaction_id)
+                                   FILTER (WHERE t.expires_at <= a.updated_at), '{}') AS stale_amounts
                FROM transactions t
                WHERE t.account_id = a.id AND t.state = 1) h
            WHERE a.key_id = ANY($1) AND a.unit = ANY($2)
              AND (a.key_id, a.unit) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
-             AND (a.open_holds <> h.rows OR h.latest > COALESCE(a.holds_until, '-infinity'))
+             AND (a.open_holds <> h.rows OR h.latest > COALESCE(a.holds_until, '-infinity')
+                  OR cardinality(h.stale_ids) > 0)
            ORDER BY a.key_id, a.unit"#,
         &keys,
         &units,
@@ -108,17 +126,34 @@ async fn diverging(
     .await?;
     rows.into_iter()
         .map(|r| {
-            Ok((
-                r.id,
-                HoldBookkeeping {
-                    account: account_key(r.key_id, r.unit)?,
-                    open_holds: r.open_holds,
-                    open_hold_rows: r.rows,
-                    holds_until: r.holds_until,
-                    latest_expiry_after_cursor: r.latest,
-                    cursor: r.updated_at,
-                },
-            ))
+            let account = account_key(r.key_id, r.unit)?;
+            let stale = r
+                .stale_ids
+                .into_iter()
+                .zip(r.stale_expiries)
+                .zip(r.stale_amounts)
+                .map(|((id, expires_at), amount)| {
+                    Ok(StaleHold {
+                        account: account.clone(),
+                        transaction_id: parse_stored(TransactionId::parse(id))?,
+                        expires_at,
+                        cursor: r.updated_at,
+                        amount,
+                    })
+                })
+                .collect::<Result<Vec<_>, StorageError>>()?;
+            let latest = r.latest;
+            let diverges =
+                r.open_holds != r.rows || latest.is_some_and(|l| r.holds_until.is_none_or(|u| l > u));
+            let bookkeeping = diverges.then(|| HoldBookkeeping {
+                account: account.clone(),
+                open_holds: r.open_holds,
+                open_hold_rows: r.rows,
+                holds_until: r.holds_until,
+                latest_expiry_after_cursor: latest,
+                cursor: r.updated_at,
+            });
+            Ok((r.id, stale, bookkeeping))
         })
         .collect()
 }
