@@ -31,7 +31,7 @@ pub struct Reconciliation {
     pub accounts: u64,
     /// Periods whose running totals differ from the ledger; with a repair, those it repaired.
     pub divergences: Vec<Divergence>,
-    /// Holds that still counted behind their account's expiry cursor; with a repair, those it released.
+    /// Open holds behind their account's expiry cursor; with a repair, those it released.
     pub stale_holds: Vec<StaleHold>,
     /// Accounts whose count of open holds or latest hold expiry differed from their rows when checked (a
     /// repair then sets them to what the rows say).
