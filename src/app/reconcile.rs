@@ -75,13 +75,12 @@ impl<S: Store> Allowance<S> {
             };
             // The ledger's repair first: it sets the totals to the recount and releases the stale holds'
             // rows. Then the bookkeeping, counted from the rows as they are after those releases.
-            let mut diverged: Vec<AccountKey> = found
+            // Either list may name an account more than once: storage takes each once.
+            let diverged: Vec<AccountKey> = found
                 .iter()
                 .map(|d| d.account.clone())
                 .chain(holds.stale.iter().map(|h| h.account.clone()))
                 .collect();
-            diverged.sort();
-            diverged.dedup();
             if !diverged.is_empty() {
                 let (repaired, released) = self
                     .store
@@ -94,14 +93,12 @@ impl<S: Store> Allowance<S> {
                 report.divergences.extend(repaired);
                 report.stale_holds.extend(released);
             }
-            let mut counted: Vec<AccountKey> = holds
+            let counted: Vec<AccountKey> = holds
                 .bookkeeping
                 .iter()
                 .map(|b| b.account.clone())
                 .chain(holds.stale.iter().map(|h| h.account.clone()))
                 .collect();
-            counted.sort();
-            counted.dedup();
             if !counted.is_empty() {
                 self.store
                     .repair_hold_bookkeeping(&counted, by, self.clock.now())

@@ -116,6 +116,9 @@ pub struct Changes {
     /// Accounts' shares of holds found expired and released while refreshing, whose transaction is not in
     /// `updated` (that one is written whole).
     pub expired: Vec<(TransactionId, AccountKey)>,
+    /// The shares in `expired` that were stale ([`StaleHold`]): their rows are released, and nothing is
+    /// counted off their accounts (the bookkeeping repair that follows sets the counts from the rows).
+    pub stale: Vec<(TransactionId, AccountKey)>,
     /// Holds released while refreshing (one per account share).
     pub expired_holds: u64,
     /// Audit events of the batch's changes, written in the same database transaction.
@@ -552,6 +555,7 @@ impl Ledger {
         }
         let updated: BTreeSet<&TransactionId> = changes.updated.iter().map(|t| &t.id).collect();
         changes.expired = self.expired.into_iter().filter(|(id, _)| !updated.contains(id)).collect();
+        changes.stale = self.stale.into_iter().map(|h| (h.transaction_id, h.account)).collect();
         // Keys sorted: writes lock rows in one order, so concurrent batches cannot deadlock.
         changes.inserted.sort_by(|a, b| a.id.cmp(&b.id));
         changes.updated.sort_by(|a, b| a.id.cmp(&b.id));

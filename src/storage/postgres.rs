@@ -1258,12 +1258,10 @@ async fn load(
     // migration 20261204000001). Fresh accounts of a read (id 0) have no rows to find. A repair looks
     // behind the cursors too: a hold found there is one the cursor's promise missed (`StaleHold`).
     let (mut row_ids, mut released_to) = (Vec::new(), Vec::new());
-    let mut cursors = HashMap::new();
     for row in rows {
         if row.id != 0 {
             row_ids.push(row.id);
             released_to.push(if look_behind { NEVER_WRITTEN } else { row.updated_at });
-            cursors.insert(row.id, row.updated_at);
         }
         let (id, account) = row.into_domain()?;
         account_ids.insert(account.key.clone(), id);
@@ -1386,13 +1384,7 @@ async fn load(
                 loaded.transactions.push(tx);
             }
             2 => {
-                // A stale hold is not counted off its first key's open holds on release: whether the count
-                // still has it depends on how it came to be stale; the bookkeeping repair that follows sets
-                // the count from the rows.
-                let cursor = row.account_id.and_then(|id| cursors.get(&id));
-                let stale =
-                    cursor.zip(row.expires_at).is_some_and(|(cursor, expires_at)| expires_at <= *cursor);
-                let first = row.i == Some(0) && !stale;
+                let first = row.i == Some(0);
                 let hold = row.into_expiring(&owners)?;
                 if first {
                     stored.expiring_first.insert(hold.id.clone(), hold.account.clone());
@@ -1508,7 +1500,8 @@ async fn save(
             writes.entry(account_ids[&t.accounts[0]]).or_default().opened -= 1;
         }
     }
-    for (id, account) in &changes.expired {
+    // A stale hold's share is not counted off (see `Changes::stale`).
+    for (id, account) in changes.expired.iter().filter(|share| !changes.stale.contains(share)) {
         if stored.expiring_first.get(id) == Some(account) {
             writes.entry(account_ids[account]).or_default().opened -= 1;
         }
