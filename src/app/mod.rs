@@ -475,8 +475,8 @@ impl<S: Store> Allowance<S> {
     #[tracing::instrument(name = "app.get_transaction", skip_all)]
     pub async fn get_transaction(&self, id: TransactionId, by: &Actor) -> Result<Transaction, Error> {
         let now = self.clock.now();
-        match self.store.get_transaction(&id).await.inspect_err(metrics::storage_error)? {
-            Some(t) if t.accounts.iter().all(|a| by.may_touch(&a.key_id)) => Ok(t.as_of(now)),
+        match self.store.get_transaction(&id, now).await.inspect_err(metrics::storage_error)? {
+            Some((t, at)) if t.accounts.iter().all(|a| by.may_touch(&a.key_id)) => Ok(t.as_of(at)),
             _ => Err(Rejection::NotFound(id).into()),
         }
     }
@@ -491,16 +491,16 @@ impl<S: Store> Allowance<S> {
     ) -> Result<(Vec<Transaction>, Option<Cursor>), Error> {
         let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
         let now = self.clock.now();
-        let page = self
+        let (page, at) = self
             .store
-            .list_transactions(&account, cursor.as_ref(), page_size)
+            .list_transactions(&account, cursor.as_ref(), page_size, now)
             .await
             .inspect_err(metrics::storage_error)?;
         let next = (page.len() == page_size as usize).then(|| {
             let last = page.last().expect("a full page is not empty");
             Cursor { created_at: last.created_at, transaction_id: last.id.clone() }
         });
-        Ok((page.into_iter().map(|t| t.as_of(now)).collect(), next))
+        Ok((page.into_iter().map(|t| t.as_of(at)).collect(), next))
     }
 }
 

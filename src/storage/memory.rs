@@ -215,8 +215,12 @@ impl Store for MemoryStore {
         Ok(BatchOutput { value, expired_holds: changes.expired_holds, now })
     }
 
-    async fn get_transaction(&self, id: &TransactionId) -> Result<Option<Transaction>, StorageError> {
-        Ok(self.lock().transactions.get(id).cloned())
+    async fn get_transaction(
+        &self,
+        id: &TransactionId,
+        now: Timestamp,
+    ) -> Result<Option<(Transaction, Timestamp)>, StorageError> {
+        Ok(self.lock().transactions.get(id).map(|t| (t.clone(), now)))
     }
 
     async fn list_transactions(
@@ -224,7 +228,8 @@ impl Store for MemoryStore {
         account: &AccountKey,
         cursor: Option<&Cursor>,
         limit: u32,
-    ) -> Result<Vec<Transaction>, StorageError> {
+        now: Timestamp,
+    ) -> Result<(Vec<Transaction>, Timestamp), StorageError> {
         let state = self.lock();
         let mut txs: Vec<Transaction> = state
             .charging(account)
@@ -233,7 +238,7 @@ impl Store for MemoryStore {
             .collect();
         txs.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
         txs.truncate(limit as usize);
-        Ok(txs)
+        Ok((txs, now))
     }
 
     async fn accounts_with_expired_holds(

@@ -164,18 +164,23 @@ pub trait Store: Send + Sync + 'static {
         R: Send,
         F: FnMut(&mut Ledger) -> R + Send;
 
+    /// A transaction, and the instant a reader should see it at: `now`, or the database's clock where it
+    /// decides (as batches do), so that every replica shows a hold expired at the same instant.
     fn get_transaction(
         &self,
         id: &TransactionId,
-    ) -> impl Future<Output = Result<Option<Transaction>, StorageError>> + Send;
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Option<(Transaction, Timestamp)>, StorageError>> + Send;
 
-    /// Transactions of one account, newest first, after `cursor`.
+    /// Transactions of one account, newest first, after `cursor`, and the instant to see them at (as for
+    /// [`Store::get_transaction`]).
     fn list_transactions(
         &self,
         account: &AccountKey,
         cursor: Option<&Cursor>,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<Transaction>, StorageError>> + Send;
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(Vec<Transaction>, Timestamp), StorageError>> + Send;
 
     /// Accounts with holds past their expiry that no refresh has released yet, at most `limit`.
     fn accounts_with_expired_holds(

@@ -327,7 +327,7 @@ impl Store for PgStore {
         let before = rates::rules(&mut *tx, Some(&rule.name)).await?.pop();
         rates::upsert_rule(&mut tx, rule).await?;
         let audit = audit.change(before.map(|r| r.audit_json()), Some(rule.audit_json()));
-        audit::insert_audit(&mut tx, &[audit]).await?;
+        audit::insert_audit(&mut tx, &[audit], self.database_clock).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -341,7 +341,8 @@ impl Store for PgStore {
             return Ok(false);
         };
         rates::delete_rule(&mut tx, name).await?;
-        audit::insert_audit(&mut tx, &[audit.change(Some(before.audit_json()), None)]).await?;
+        audit::insert_audit(&mut tx, &[audit.change(Some(before.audit_json()), None)], self.database_clock)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -374,7 +375,11 @@ impl Store for PgStore {
         }
     }
 
-    async fn get_transaction(&self, id: &TransactionId) -> Result<Option<Transaction>, StorageError> {
+    async fn get_transaction(
+        &self,
+        id: &TransactionId,
+        now: Timestamp,
+    ) -> Result<Option<(Transaction, Timestamp)>, StorageError> {
         let row = sqlx::query_as!(
             TxRow,
             r#"SELECT t.transaction_id,
@@ -383,14 +388,16 @@ impl Store for PgStore {
                        FROM transactions t2 WHERE t2.transaction_id = t.transaction_id) AS "keys!",
                       (SELECT a.unit FROM accounts a WHERE a.id = t.account_id) AS "unit!",
                       t.amount, t.held_amount, t.state, t.created_at,
-                      t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata
+                      t.expires_at, t.committed_at, t.reversed_at, t.committed_late, t.metadata,
+                      COALESCE($2, now()) AS read_at
                FROM transactions t
                WHERE t.transaction_id = $1 AND t.position = 0"#,
-            id.as_str()
+            id.as_str(),
+            self.clock_or_database(now),
         )
         .fetch_optional(&self.pool)
         .await?;
-        row.map(TxRow::into_domain).transpose()
+        row.map(|r| r.into_domain_read(now)).transpose()
     }
 
     async fn list_transactions(
@@ -398,7 +405,8 @@ impl Store for PgStore {
         account: &AccountKey,
         cursor: Option<&Cursor>,
         limit: u32,
-    ) -> Result<Vec<Transaction>, StorageError> {
+        now: Timestamp,
+    ) -> Result<(Vec<Transaction>, Timestamp), StorageError> {
         // Without a cursor, start past any representable instant: one query plan for every page.
         let (before, before_id) = match cursor {
             Some(c) => (c.created_at, c.transaction_id.as_str()),
@@ -413,7 +421,7 @@ impl Store for PgStore {
                       $2::text AS "unit!", p.amount AS "amount!", p.held_amount AS "held_amount!",
                       p.state AS "state!", p.created_at AS "created_at!", p.expires_at,
                       p.committed_at, p.reversed_at, p.committed_late AS "committed_late!",
-                      p.metadata AS "metadata!"
+                      p.metadata AS "metadata!", COALESCE($6, now()) AS read_at
                FROM transactions t
                -- LIMIT 1 keeps the lookup a subquery of its own (never flattened into a join): its only plan
                -- is the primary key.
@@ -428,10 +436,13 @@ impl Store for PgStore {
             before,
             before_id,
             i64::from(limit),
+            self.clock_or_database(now),
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter().map(TxRow::into_domain).collect()
+        let at = rows.first().and_then(|r| r.read_at).unwrap_or(now);
+        let page = rows.into_iter().map(TxRow::into_domain).collect::<Result<_, _>>()?;
+        Ok((page, at))
     }
 
     async fn accounts_with_expired_holds(
@@ -592,7 +603,7 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await?;
         let audit = audit.change(before.map(|b| b.plan.audit_json()), Some(plan.audit_json()));
-        audit::insert_audit(&mut tx, &[audit]).await?;
+        audit::insert_audit(&mut tx, &[audit], self.database_clock).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -624,7 +635,12 @@ impl Store for PgStore {
         }
         let before = plans_in(&mut *tx, Some(name)).await?.pop();
         sqlx::query!("DELETE FROM plans WHERE id = $1", plan_id).execute(&mut *tx).await?;
-        audit::insert_audit(&mut tx, &[audit.change(before.map(|b| b.plan.audit_json()), None)]).await?;
+        audit::insert_audit(
+            &mut tx,
+            &[audit.change(before.map(|b| b.plan.audit_json()), None)],
+            self.database_clock,
+        )
+        .await?;
         tx.commit().await?;
         Ok(PlanDeletion::Deleted)
     }
@@ -669,7 +685,7 @@ impl Store for PgStore {
         }
         let json = |p: Option<&str>| serde_json::json!({ "plan": p });
         let audit = audit.change(Some(json(before.as_deref())), Some(json(plan.map(PlanName::as_str))));
-        audit::insert_audit(&mut tx, &[audit]).await?;
+        audit::insert_audit(&mut tx, &[audit], self.database_clock).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -677,7 +693,12 @@ impl Store for PgStore {
     async fn create_caller(&self, record: &CallerRecord, audit: AuditEvent) -> Result<(), StorageError> {
         let mut tx = self.pool.begin().await?;
         audit::insert_caller(&mut tx, record).await?;
-        audit::insert_audit(&mut tx, &[audit.change(None, Some(record.caller.audit_json()))]).await?;
+        audit::insert_audit(
+            &mut tx,
+            &[audit.change(None, Some(record.caller.audit_json()))],
+            self.database_clock,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -701,7 +722,7 @@ impl Store for PgStore {
         };
         audit::update_caller(&mut tx, &next, event.at).await?;
         let event = event.change(Some(current.caller.audit_json()), Some(next.caller.audit_json()));
-        audit::insert_audit(&mut tx, &[event]).await?;
+        audit::insert_audit(&mut tx, &[event], self.database_clock).await?;
         tx.commit().await?;
         Ok(Some(Ok(next)))
     }
@@ -987,9 +1008,16 @@ struct TxRow {
     reversed_at: Option<Timestamp>,
     committed_late: bool,
     metadata: serde_json::Value,
+    /// The instant a reader sees the row at (reads only; see [`Store::get_transaction`]).
+    read_at: Option<Timestamp>,
 }
 
 impl TxRow {
+    fn into_domain_read(self, now: Timestamp) -> Result<(Transaction, Timestamp), StorageError> {
+        let at = self.read_at.unwrap_or(now);
+        Ok((self.into_domain()?, at))
+    }
+
     fn into_domain(self) -> Result<Transaction, StorageError> {
         let metadata: std::collections::BTreeMap<String, String> = serde_json::from_value(self.metadata)
             .map_err(|e| StorageError::Corrupt(format!("metadata: {e}")))?;
@@ -1216,6 +1244,7 @@ impl LoadRow {
             reversed_at: self.reversed_at,
             committed_late: self.committed_late.ok_or_else(missing)?,
             metadata: self.metadata.ok_or_else(missing)?,
+            read_at: None,
         }
         .into_domain()
     }
@@ -1444,7 +1473,7 @@ async fn save(
     now: Timestamp,
 ) -> Result<bool, Attempt> {
     // Only batches that changed limits or reversed something have events: no extra round trip otherwise.
-    audit::insert_audit(tx, &changes.audit).await?;
+    audit::insert_audit(tx, &changes.audit, false).await?;
     if changes.inserted.is_empty()
         && changes.updated.is_empty()
         && changes.accounts.is_empty()

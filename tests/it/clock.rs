@@ -9,9 +9,9 @@ use allowance::storage::postgres::PgStore;
 use chrono::TimeDelta;
 use sqlx::PgPool;
 
-use crate::helpers::call::{reserve, reserve_req, set_limit};
+use crate::helpers::call::{get, reserve, reserve_req, set_limit};
 use crate::helpers::{TestServer, second_pool};
-use crate::quotas::{calendar, limit, limits, put_limit};
+use crate::quotas::{calendar, limit, limits, plan_limit, put_limit, rolling};
 
 /// The real time moved by a fixed offset: a replica whose clock is wrong.
 struct Skewed(TimeDelta);
@@ -88,4 +88,39 @@ async fn a_replica_behind_sweeps_expired_holds_at_the_database_clock(pool: PgPoo
     assert_eq!(one_clock.open_holds().await.unwrap(), 1, "t2 is open, t1 released");
     assert!(one_clock.accounts_with_expired_holds(day_behind, 10).await.unwrap().is_empty());
     server.stop().await.unwrap();
+}
+
+/// Reads see holds at the database's clock too, and changes made outside a batch (here a plan) are audited
+/// at it: a replica a day ahead shows a 15-minute hold as held, not expired, and stamps no audit event a day
+/// ahead.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn a_replica_ahead_reads_and_audits_at_the_database_clock(pool: PgPool) {
+    let ahead = replica(&pool, TimeDelta::days(1)).await;
+    let mut c = ahead.client.clone();
+    set_limit(&mut c, "k", pb::Window::Daily, 100).await;
+    assert!(reserve(&mut c, "k", "t1", 10).await.allowed);
+
+    let one = get(&mut c, "t1").await.unwrap();
+    assert_eq!(one.state(), pb::TransactionState::Held, "GetTransaction at the replica's clock says expired");
+    let list = pb::ListTransactionsRequest { key_id: "k".into(), page_size: 10, ..Default::default() };
+    let page = c.list_transactions(list).await.unwrap().into_inner();
+    assert_eq!(page.transactions.len(), 1);
+    assert_eq!(page.transactions[0].state(), pb::TransactionState::Held, "ListTransactions too");
+
+    c.put_plan(pb::PutPlanRequest {
+        name: "free".into(),
+        limits: vec![plan_limit("daily", rolling(86_400), 100)],
+    })
+    .await
+    .unwrap();
+    let offsets: Vec<(String, f64)> =
+        sqlx::query_as("SELECT action, extract(epoch FROM at - now())::float8 FROM audit_events ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(offsets.iter().any(|(action, _)| action == "plan.put"), "{offsets:?}");
+    for (action, offset) in &offsets {
+        assert!(offset.abs() < 600.0, "{action} audited {offset} s away from the database's clock");
+    }
+    ahead.stop().await.unwrap();
 }

@@ -8,8 +8,14 @@ use crate::domain::{
 };
 use crate::storage::StorageError;
 
-/// Appends audit events, in the caller's transaction.
-pub(super) async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent]) -> Result<(), sqlx::Error> {
+/// Appends audit events, in the caller's transaction. With `database_clock`, each is stamped with the
+/// database's clock instead of the instant the application gave it (a replica's clock, for events made
+/// outside a batch), so that one clock orders the whole trail.
+pub(super) async fn insert_audit(
+    conn: &mut PgConnection,
+    events: &[AuditEvent],
+    database_clock: bool,
+) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
@@ -38,8 +44,11 @@ pub(super) async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent])
     sqlx::query!(
         r#"INSERT INTO audit_events (at, caller_id, caller_name, request_id, action, key_id, unit, subject,
                                     before, after)
-           SELECT * FROM UNNEST($1::timestamptz[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                $7::text[], $8::text[], $9::jsonb[], $10::jsonb[])"#,
+           SELECT CASE WHEN $11 THEN clock_timestamp() ELSE u.at END, u.caller_id, u.caller_name, u.request_id,
+                  u.action, u.key_id, u.unit, u.subject, u.before, u.after
+           FROM UNNEST($1::timestamptz[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+                       $7::text[], $8::text[], $9::jsonb[], $10::jsonb[])
+               AS u(at, caller_id, caller_name, request_id, action, key_id, unit, subject, before, after)"#,
         &at,
         &caller_ids as &[Option<uuid::Uuid>],
         &caller_names,
@@ -50,6 +59,7 @@ pub(super) async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent])
         &subjects,
         &befores as &[Option<serde_json::Value>],
         &afters as &[Option<serde_json::Value>],
+        database_clock,
     )
     .execute(conn)
     .await?;

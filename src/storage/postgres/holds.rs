@@ -82,7 +82,7 @@ pub(super) async fn repair(
                 )
         })
         .collect();
-    super::audit::insert_audit(&mut tx, &events).await?;
+    super::audit::insert_audit(&mut tx, &events, false).await?;
     tx.commit().await?;
     Ok(found.into_iter().map(|(_, b)| b).collect())
 }
