@@ -44,6 +44,12 @@ expect_invalid() {
   run -2 allowance
   run -2 allowance limits
   run -2 allowance tx list --key "$KEY" --page-size many
+  # Numbers out of their documented ranges are refused as such, not quietly replaced by a default.
+  run -2 allowance tx list --key "$KEY" --page-size 0
+  run -2 allowance audit list --page-size 1001
+  run -2 allowance limits set --key "$KEY" --name m --calendar month --count 0 --limit 1
+  assert_contains "$output" "--count"
+  run -2 allowance plans assign --key "$KEY" --plan ""
   # Nothing reached the server.
   run --separate-stderr allowance tx get --tx "$TX-1"
   assert_grpc_error NOT_FOUND
@@ -189,4 +195,14 @@ expect_invalid() {
   done
   run --separate-stderr allowance commit --tx "$TX-unknown" --amount 5
   assert_grpc_error NOT_FOUND
+}
+
+@test "cli: output piped into a reader that stops early ends the command quietly, without a panic" {
+  run -0 allowance limits set --key "$KEY" --name daily --rolling 1d --limit 5
+  # `true` is gone long before the answer arrives: the first write finds the pipe closed.
+  run --separate-stderr bash -c '"$ALLOWANCE_BIN" audit list --key "$KEY" | true'
+  [ "$status" -eq 0 ]
+  assert_eq "$stderr" "" "stderr"
+  assert_not_contains "$stderr" "panicked"
+  assert_not_contains "$stderr" "Broken pipe"
 }

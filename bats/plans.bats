@@ -148,6 +148,8 @@ setup() {
   assert_contains "$output" "fortnight"
   run -2 allowance plans put --name "$PLAN" --limit usd:daily:rolling=soon:1
   run -2 allowance plans put --limit usd:daily:rolling=1d:1
+  run -2 allowance plans put --name "$PLAN" --limit usd:daily:calendar=0months:1
+  assert_contains "$output" "at least 1"
 
   run --separate-stderr allowance plans put --name "$PLAN" --limit usd:daily:rolling=1d:1 \
     --limit usd:monthly:calendar=month/Mars/Olympus:5

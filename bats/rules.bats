@@ -41,6 +41,21 @@ setup() {
   run -2 allowance limits set --key "$KEY" --window daily --limit 5 --burst 2
   run --separate-stderr allowance limits set --key "$KEY" --unit requests --name api --rolling 1m --limit 5 --burst 0
   assert_grpc_error INVALID_ARGUMENT "limit.burst"
+  # A burst that would take more than a hundred years to refill is refused: 1 per 400 days, a million at once.
+  run --separate-stderr allowance limits set --key "$KEY" --unit requests --name slow --rolling 400d --limit 1 \
+    --burst 1000000
+  assert_grpc_error INVALID_ARGUMENT "limit.burst"
+  assert_contains "$stderr" "36525 days"
+}
+
+@test "ratelimit: a calendar rate limit refuses a cost above its burst; a check no limit applies to says so" {
+  run -0 allowance limits set --key "$KEY" --unit requests --name monthly --calendar month --limit 10 --burst 3
+  run -3 allowance ratelimit check --key "$KEY" --unit requests --cost 4 --json
+  assert_json '.limits[0].cost_exceeds_burst and .retry_after_seconds == null'
+  run -0 allowance ratelimit check --key "$KEY" --unit requests --cost 3 --json
+  assert_json '.limits[0].remaining == 7'
+  run -0 allowance ratelimit check --key "$KEY" --unit requests --limit no-such-limit
+  assert_contains "${lines[0]}" "no rate limit applies"
 }
 
 @test "rules: put, list and delete; bad rules are INVALID_ARGUMENT naming the field" {

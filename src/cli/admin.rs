@@ -119,8 +119,8 @@ pub enum AuditCommand {
         /// Only events before this RFC 3339 time.
         #[arg(long, value_parser = parse_time)]
         until: Option<chrono::DateTime<chrono::Utc>>,
-        /// Events per page (1 to 1000; default 100).
-        #[arg(long, default_value_t = 0)]
+        /// Events per page.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i32).range(1..=1000))]
         page_size: i32,
         /// The next_page_token of the previous page.
         #[arg(long, default_value = "")]

@@ -119,7 +119,8 @@ pub struct SetArgs {
     // `requires` alone would not do: clap lets a requirement go when it conflicts with a present argument
     // (--calendar with --rolling or --window), so the conflicts are spelled out.
     /// How many calendar units one period spans (default 1).
-    #[arg(long, requires = "calendar", conflicts_with_all = ["rolling", "window"])]
+    #[arg(long, requires = "calendar", conflicts_with_all = ["rolling", "window"],
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub count: Option<u32>,
     /// When one calendar period starts: RFC 3339, or a local date[-time] in --tz.
     #[arg(long, requires = "calendar", conflicts_with_all = ["rolling", "window"], value_parser = parse_anchor)]
@@ -222,7 +223,7 @@ pub struct AssignArgs {
     #[arg(long)]
     pub key: String,
     /// The plan to put the key on; INVALID_ARGUMENT (exit 1) when it does not exist.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub plan: Option<String>,
     /// Take the key off any plan.
     #[arg(long)]
@@ -318,8 +319,8 @@ pub enum TxCommand {
     List {
         #[command(flatten)]
         account: Account,
-        /// Transactions per page (1 to 1000).
-        #[arg(long, default_value_t = 100)]
+        /// Transactions per page.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i32).range(1..=1000))]
         page_size: i32,
         /// Continue from a previous page's next_page_token.
         #[arg(long, default_value = "")]
@@ -390,7 +391,11 @@ fn parse_calendar_spec(s: &str) -> Result<PeriodArg, String> {
     let digits = count_unit.len() - count_unit.trim_start_matches(|c: char| c.is_ascii_digit()).len();
     let count = match &count_unit[..digits] {
         "" => None,
-        n => Some(n.parse::<u32>().map_err(|e| format!("calendar={s}: count {n}: {e}"))?),
+        n => match n.parse::<u32>() {
+            Ok(0) => return Err(format!("calendar={s}: the count must be at least 1")),
+            Ok(count) => Some(count),
+            Err(e) => return Err(format!("calendar={s}: count {n}: {e}")),
+        },
     };
     let unit = parse_calendar_unit(&count_unit[digits..]).map_err(|e| format!("calendar={s}: {e}"))?;
     Ok(PeriodArg::Calendar { unit, count, anchor, zone })

@@ -126,6 +126,9 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
+    if !matches!(cli.command, Command::Serve(_) | Command::Bench(_)) {
+        end_quietly_when_stdout_closes();
+    }
     let code = match cli.command {
         Command::Serve(config) => report(serve::serve(*config).await),
         Command::Migrate(db) => report(serve::migrate(db).await),
@@ -143,6 +146,17 @@ pub async fn main() -> ExitCode {
     };
     telemetry.shutdown();
     code
+}
+
+/// A command piped into `head` ends when its reader goes, as Unix tools do, instead of panicking in
+/// `println!` (Rust starts with SIGPIPE ignored). Sockets are unaffected (Rust sends with MSG_NOSIGNAL);
+/// `serve` and `bench` keep the default, so that a closed log pipe never ends a server.
+fn end_quietly_when_stdout_closes() {
+    #[cfg(unix)]
+    // SAFETY: sets a signal's disposition to the system default; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

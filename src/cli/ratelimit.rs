@@ -130,6 +130,13 @@ fn print_check(format: Format, r: &pb::CheckRateResponse) {
             })).collect::<Vec<_>>(),
         })),
         Format::Table => {
+            if r.limits.is_empty() {
+                // Allowed because nothing limits it: say so, so that a misspelt --limit is noticed.
+                println!(
+                    "allowed: no rate limit applies (the key has none of those asked for, or none at all)"
+                );
+                return;
+            }
             println!("{}", if r.allowed { "allowed" } else { "denied" });
             let secs = |d: Option<&prost_types::Duration>| {
                 d.map_or_else(

@@ -102,6 +102,11 @@ pub struct LimitSpec {
 /// Largest rate-limit burst (and rate amount): keeps the GCRA arithmetic far from overflow.
 pub const MAX_RATE: i64 = 1_000_000_000;
 
+/// Longest a rolling rate limit may take to refill its whole burst (`burst × period ÷ amount`, GCRA's
+/// tolerance): 100 years, far beyond any real limit. A key's state (its theoretical arrival time) lies at most
+/// this far ahead, so it stays a date every tool can store and read.
+pub const MAX_RATE_REFILL: chrono::TimeDelta = chrono::TimeDelta::days(36_525);
+
 impl LimitSpec {
     pub fn new(name: LimitName, period: Period, amount: Option<i64>) -> Result<Self, InvalidArgument> {
         if let Some(a) = amount
@@ -129,6 +134,30 @@ impl LimitSpec {
             ));
         }
         self.burst = Some(burst);
+        Ok(self)
+    }
+
+    /// Refuses a rolling rate limit that would take longer than [`MAX_RATE_REFILL`] to refill its burst. Not
+    /// part of [`LimitSpec::with_burst`]: limits stored before this rule must still load.
+    pub fn check_refill(self) -> Result<Self, InvalidArgument> {
+        if let (Some(burst), Some(amount), Period::Rolling(length)) = (self.burst, self.amount, self.period)
+            && amount > 0
+        {
+            let length = i128::from(length.num_microseconds().unwrap_or(i64::MAX));
+            let refill = i128::from(burst) * length / i128::from(amount);
+            let max = i128::from(MAX_RATE_REFILL.num_microseconds().unwrap_or(i64::MAX));
+            if refill > max {
+                return Err(InvalidArgument::new(
+                    "burst",
+                    format!(
+                        "refilling a burst of {burst} at {amount} per {} takes more than {} days \
+                         (burst × period ÷ amount); lower the burst or raise the amount",
+                        self.period,
+                        MAX_RATE_REFILL.num_days()
+                    ),
+                ));
+            }
+        }
         Ok(self)
     }
 
@@ -287,6 +316,17 @@ mod tests {
             amount,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_rate_limit_refills_its_burst_within_a_hundred_years() {
+        // 10 a year with a burst of 1,000: a hundred years.
+        assert!(spec("r", 365, Some(10)).with_burst(1_000).unwrap().check_refill().is_ok());
+        let e = spec("r", 366, Some(10)).with_burst(1_000).unwrap().check_refill().unwrap_err();
+        assert!(e.reason.contains("36525 days"), "{}", e.reason);
+        assert!(spec("r", 400, Some(1)).with_burst(MAX_RATE).unwrap().check_refill().is_err());
+        // A limit of 0 never refills: nothing to bound.
+        assert!(spec("r", 400, Some(0)).with_burst(MAX_RATE).unwrap().check_refill().is_ok());
     }
 
     #[test]

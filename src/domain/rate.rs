@@ -58,7 +58,7 @@ pub fn decide(limit: &LimitSpec, state: Option<RateState>, now: Timestamp, cost:
     let burst = limit.burst.unwrap_or(1);
     match limit.period {
         Period::Rolling(length) => gcra(micros(length), amount, burst, state, now, cost),
-        Period::Calendar(calendar) => window(&calendar, amount, state, now, cost),
+        Period::Calendar(calendar) => window(&calendar, amount, burst, state, now, cost),
     }
 }
 
@@ -118,14 +118,20 @@ fn gcra(
     }
 }
 
+/// The latest theoretical arrival time stored: the end of year 9999, a date every tool reads. Limits refill
+/// in at most [`super::limit::MAX_RATE_REFILL`], so only a state written under an older, looser rule could
+/// reach it.
+const LATEST_TAT_MICROS: i64 = 253_402_300_799_999_999;
+
 fn instant(us: i128) -> Timestamp {
-    let us = i64::try_from(us).unwrap_or(i64::MAX);
+    let us = i64::try_from(us).unwrap_or(i64::MAX).min(LATEST_TAT_MICROS);
     Timestamp::from_timestamp_micros(us).unwrap_or(Timestamp::MAX_UTC)
 }
 
 fn window(
     period: &super::Calendar,
     amount: i64,
+    burst: i64,
     state: Option<RateState>,
     now: Timestamp,
     cost: i64,
@@ -136,7 +142,8 @@ fn window(
     let (start, end) = period.bounds(now);
     let used = state.filter(|s| s.tat == start).map_or(0, |s| s.used);
     let reset_after = end - now;
-    if cost > amount {
+    // The burst caps one request's cost, as for rolling periods; the period's amount caps their sum.
+    if cost > amount || cost > burst {
         return RateDecision {
             allowed: false,
             remaining: (amount - used).max(0),
@@ -328,13 +335,20 @@ mod tests {
         assert!(peek.allowed && peek.state.is_none() && peek.remaining == 0);
     }
 
-    #[test]
-    fn calendar_periods_count_in_fixed_windows_that_reset_at_the_boundary() {
+    /// A calendar-month rate limit from the epoch, in UTC.
+    fn monthly(amount: i64, burst: i64) -> LimitSpec {
         let month =
             Period::calendar(CalendarUnit::Month, 1, Timestamp::UNIX_EPOCH, "UTC", Timestamp::UNIX_EPOCH)
                 .unwrap();
-        let limit =
-            LimitSpec::new(LimitName::parse("m").unwrap(), month, Some(2)).unwrap().with_burst(2).unwrap();
+        LimitSpec::new(LimitName::parse("m").unwrap(), month, Some(amount))
+            .unwrap()
+            .with_burst(burst)
+            .unwrap()
+    }
+
+    #[test]
+    fn calendar_periods_count_in_fixed_windows_that_reset_at_the_boundary() {
+        let limit = monthly(2, 2);
         let jan31 = "2027-01-31T23:59:59Z".parse().unwrap();
         let a = decide(&limit, None, jan31, 2);
         assert!(a.allowed && a.remaining == 0);
@@ -342,6 +356,32 @@ mod tests {
         assert_eq!((b.allowed, b.retry_after), (false, Some(TimeDelta::seconds(1))));
         let feb = decide(&limit, a.state, "2027-02-01T00:00:00Z".parse().unwrap(), 1);
         assert!(feb.allowed && feb.remaining == 1, "February is a new period");
+    }
+
+    #[test]
+    fn a_calendar_limit_refuses_a_cost_above_its_burst() {
+        let limit = monthly(10, 3);
+        let now = "2027-01-15T00:00:00Z".parse().unwrap();
+        let big = decide(&limit, None, now, 4);
+        assert!(!big.allowed && big.exceeds_burst && big.retry_after.is_none(), "{big:?}");
+        let fits = decide(&limit, None, now, 3);
+        assert!(fits.allowed && fits.remaining == 7);
+    }
+
+    #[test]
+    fn a_state_never_lies_past_year_9999() {
+        // Refused when set now (check_refill), but a limit stored before that rule still loads: 1 per 400
+        // days with a burst of a billion refills in 400 billion days.
+        let limit = rate(400 * 86_400_000_000, 1, 1_000_000_000);
+        assert!(limit.clone().check_refill().is_err());
+        let d = decide(&limit, None, at(0), 1_000_000_000);
+        let tat = d.state.unwrap().tat;
+        assert_eq!(tat.timestamp_micros(), LATEST_TAT_MICROS);
+        assert_eq!(tat.to_rfc3339(), "9999-12-31T23:59:59.999999+00:00");
+        // A request after it is decided from there (the cap forgave the debt past year 9999, which such a
+        // limit would take longer than that to refill anyway), and its state stays readable.
+        let next = decide(&limit, d.state, at(1), 1);
+        assert!(next.state.is_none_or(|s| s.tat.timestamp_micros() <= LATEST_TAT_MICROS));
     }
 
     /// The obviously-correct model: a token bucket in exact rational arithmetic.

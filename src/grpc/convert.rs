@@ -160,7 +160,7 @@ pub fn limit(l: Option<pb::Limit>, field: &str, now: Timestamp) -> Result<LimitS
     let period = period(l.period, now).map_err(|e| e.within(field))?;
     let spec = LimitSpec::new(name, period, l.amount).map_err(|e| e.within(field))?;
     match l.burst {
-        Some(burst) => spec.with_burst(burst).map_err(|e| e.within(field)),
+        Some(burst) => spec.with_burst(burst).and_then(LimitSpec::check_refill).map_err(|e| e.within(field)),
         None => Ok(spec),
     }
 }

@@ -35,6 +35,11 @@ const METHODS: &[&str] = &[
     "RotateCaller",
     "RevokeCaller",
     "ListAuditEvents",
+    "PutRateLimitRule",
+    "ListRateLimitRules",
+    "DeleteRateLimitRule",
+    "CheckRate",
+    "ShouldRateLimit",
     "Check",
     "Watch",
     "ServerReflectionInfo",
@@ -178,6 +183,26 @@ mod tests {
         assert_eq!(method_label("/allowance.v1.SpendingLimits/ReserveSpending"), "ReserveSpending");
         assert_eq!(method_label("/grpc.health.v1.Health/Check"), "Check");
         assert_eq!(method_label("/evil/random-123"), "other");
+    }
+
+    #[test]
+    fn every_method_served_has_its_own_label() {
+        use prost::Message;
+        let mut served = Vec::new();
+        for set in [crate::grpc::pb::FILE_DESCRIPTOR_SET, crate::grpc::pb::ENVOY_RLS_DESCRIPTOR_SET] {
+            let set = prost_types::FileDescriptorSet::decode(set).unwrap();
+            for file in set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        served.push(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+                    }
+                }
+            }
+        }
+        assert!(served.iter().any(|m| m.ends_with("RateLimitService/ShouldRateLimit")), "{served:?}");
+        for path in &served {
+            assert_ne!(method_label(path), "other", "{path}");
+        }
     }
 
     #[test]

@@ -257,8 +257,10 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for EnvoyRateLim
         let outcome = self.app.check_rate(items).await?;
         let mut statuses = Vec::with_capacity(matched.len());
         let mut overall = Code::Ok;
-        // The limit nearest its end drives the response headers.
+        // The limit nearest its end drives the response headers: one that denies before any that admits.
         let mut tightest: Option<(&LimitDecision, bool)> = None;
+        // When a denied request would first be admitted: the longest wait of the denying limits, or never.
+        let mut retry_after = Some(TimeDelta::zero());
         for m in &matched {
             let Some((rule, index)) = m else {
                 statuses.push(DescriptorStatus { code: Code::Ok.into(), ..Default::default() });
@@ -273,8 +275,11 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for EnvoyRateLim
             let over = !d.decision.allowed && !rule.shadow;
             if over {
                 overall = Code::OverLimit;
+                retry_after = retry_after.zip(d.decision.retry_after).map(|(a, b)| a.max(b));
             }
-            if tightest.is_none_or(|(t, _)| d.decision.remaining < t.decision.remaining) {
+            if tightest
+                .is_none_or(|(t, t_over)| (!over, d.decision.remaining) < (!t_over, t.decision.remaining))
+            {
                 tightest = Some((d, over));
             }
             statuses.push(DescriptorStatus {
@@ -290,14 +295,15 @@ impl<S: Store> rls::rate_limit_service_server::RateLimitService for EnvoyRateLim
             });
         }
         let mut headers = Vec::new();
-        if let Some((d, over)) = tightest {
+        if let Some((d, _)) = tightest {
             headers.push(header("RateLimit-Limit", d.limit.amount.unwrap_or(0).to_string()));
             headers.push(header("RateLimit-Remaining", d.decision.remaining.to_string()));
             headers.push(header("RateLimit-Reset", ceil_seconds(d.decision.reset_after).to_string()));
-            if over {
-                let wait = d.decision.retry_after.unwrap_or(d.decision.reset_after);
-                headers.push(header("Retry-After", ceil_seconds(wait).to_string()));
-            }
+        }
+        // No Retry-After for a request no wait would admit (its cost exceeds a burst, or a limit is 0): a
+        // client told "0" would retry at once, for ever.
+        if let (Code::OverLimit, Some(wait)) = (overall, retry_after) {
+            headers.push(header("Retry-After", ceil_seconds(wait).to_string()));
         }
         Ok(Response::new(rls::RateLimitResponse {
             overall_code: overall.into(),

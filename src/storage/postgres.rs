@@ -88,7 +88,11 @@ pub struct PgStore {
 
 impl From<sqlx::Error> for StorageError {
     fn from(e: sqlx::Error) -> Self {
-        StorageError::Unavailable(Arc::new(e))
+        match e {
+            // A value the database holds that this release cannot read: no retry will help.
+            sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StorageError::Corrupt(e.to_string()),
+            e => StorageError::Unavailable(Arc::new(e)),
+        }
     }
 }
 

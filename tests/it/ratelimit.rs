@@ -287,6 +287,16 @@ async fn envoy_should_rate_limit_with_rules_from_the_database(pool: PgPool) {
     assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().unit, 5);
     assert_eq!(headers(&r)["Retry-After"], (31 * 86_400 - 20).to_string());
 
+    // A request no wait would admit (hits above the burst) is over the limit with no Retry-After: "0" would
+    // have the client retry at once, for ever. Beside a descriptor that admits, it still drives the headers.
+    let mut huge = descriptor(&[("api_key", "k4")]);
+    huge.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 4 });
+    let never = should(&mut envoy, vec![descriptor(&[("api_key", "vip")]), huge]).await;
+    assert_eq!(code(&never), Code::OverLimit);
+    let h = headers(&never);
+    assert!(!h.contains_key("Retry-After"), "{h:?}");
+    assert_eq!((h["RateLimit-Limit"].as_str(), h["RateLimit-Remaining"].as_str()), ("3", "3"));
+
     // Denied requests count against none of their descriptors.
     let both =
         should(&mut envoy, vec![descriptor(&[("api_key", "k2")]), descriptor(&[("api_key", "k1")])]).await;
@@ -378,5 +388,65 @@ async fn envoy_is_answered_unavailable_while_the_database_is_down(pool: PgPool) 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "answers again once the database is back");
+    s.stop().await.unwrap();
+}
+
+/// A state stored before refills were bounded may lie past year 9999 (a burst of a billion at 1 per 400 days):
+/// its key is still checked, and so are the other keys of its batch.
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn a_state_far_in_the_future_is_read_and_decided(pool: PgPool) {
+    let clock = ManualClock::new(epoch());
+    let s = TestServer::on(&pool, &clock).await;
+    let ch = channel(s.addr).await;
+    // Refused when set now.
+    let refused = allowance::grpc::pb::spending_limits_client::SpendingLimitsClient::new(ch.clone())
+        .put_limit(pb::PutLimitRequest {
+            key_id: "wedged".into(),
+            unit: "requests".into(),
+            limit: Some(rate("api", 1, 400 * 86_400, 1_000_000_000)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("36525 days"), "{}", refused.message());
+    // As stored by an earlier release, whose arithmetic saturated at chrono's last instant.
+    put_limit(&ch, "wedged", rate("api", 1, 400 * 86_400, 10)).await;
+    sqlx::query(
+        "UPDATE accounts SET limits = jsonb_set(limits, '{0,burst}', '1000000000') WHERE key_id = 'wedged'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO rate_states (key_id, unit, name, tat)
+         VALUES ('wedged', 'requests', 'api', '262142-12-31 23:59:59.999999+00')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    put_limit(&ch, "fine", rate("api", 10, 60, 10)).await;
+    let mut c = RateLimitServiceClient::new(ch.clone());
+    // Answered (not UNAVAILABLE) with the limit's decision; what it decides is that absurd limit's business.
+    let answered = check(&mut c, "wedged", None).await;
+    assert_eq!(answered.limits.len(), 1);
+    let tat: String = sqlx::query_scalar("SELECT tat::text FROM rate_states WHERE key_id = 'wedged'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(tat.starts_with("9999-12-31") || tat.starts_with("262142-"), "{tat}");
+    // Both keys in one request, so in one batch: the sound key is decided too.
+    let both = c
+        .check_rate(pb::CheckRateRequest {
+            key_id: "fine".into(),
+            unit: "requests".into(),
+            additional_key_ids: vec!["wedged".into()],
+            cost: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(both.limits.len(), 2);
+    assert!(check(&mut c, "fine", None).await.allowed);
     s.stop().await.unwrap();
 }

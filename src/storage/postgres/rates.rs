@@ -14,7 +14,9 @@ use crate::storage::StorageError;
 #[derive(Debug, serde::Deserialize)]
 struct StoredState {
     name: String,
-    tat: Timestamp,
+    /// The tat in µs since the epoch: any stored instant reads back, even one past year 9999 that a state
+    /// written before [`crate::domain::limit::MAX_RATE_REFILL`] may hold (RFC 3339 text could not carry it).
+    tat_us: i64,
     used: i64,
 }
 
@@ -51,7 +53,8 @@ pub(super) async fn load(
                    WHERE pl.plan_id = (SELECT kp.plan_id FROM key_plans kp WHERE kp.key_id = k.key_id)
                      AND pl.unit = k.unit AND pl.burst IS NOT NULL)
                       AS "plan_limits?: Json<Vec<StoredLimit>>",
-                  (SELECT jsonb_agg(jsonb_build_object('name', s.name, 'tat', s.tat, 'used', s.used))
+                  (SELECT jsonb_agg(jsonb_build_object('name', s.name, 'tat_us', (extract(epoch FROM s.tat) * 1000000)::int8,
+                                                       'used', s.used))
                    FROM s WHERE s.key_id = k.key_id AND s.unit = k.unit) AS "states?: Json<Vec<StoredState>>",
                   COALESCE($3, clock_timestamp()) AS "now!"
            FROM k"#,
@@ -83,8 +86,10 @@ pub(super) async fn load(
         book.limits.insert(account.clone(), crate::domain::effective_rate_limits(&own, &plan));
         for s in r.states.map(|j| j.0).unwrap_or_default() {
             let name = parse_stored(LimitName::parse(s.name))?;
+            let tat = Timestamp::from_timestamp_micros(s.tat_us)
+                .ok_or_else(|| StorageError::Corrupt(format!("rate state {name}: tat {} µs", s.tat_us)))?;
             book.loaded.insert((account.clone(), name.clone()));
-            book.states.insert((account.clone(), name), RateState { tat: s.tat, used: s.used });
+            book.states.insert((account.clone(), name), RateState { tat, used: s.used });
         }
     }
     Ok(book)
