@@ -72,7 +72,7 @@ expect_invalid() {
 @test "cli: --help and --version exit 0; the help documents the exit codes" {
   run -0 allowance --help
   assert_contains "$output" "Exit codes: 0 success, 1 error"
-  assert_contains "$output" "3 reservation denied"
+  assert_contains "$output" "3 reservation or rate check denied"
   run -0 allowance reserve --help
   assert_contains "$output" "--ttl"
   run -0 allowance --version

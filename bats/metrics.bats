@@ -175,7 +175,8 @@ traffic() {
   assert_lists_metrics "$text" allowance_reservations_total allowance_reservations_exceeded_total \
     allowance_commits_total allowance_reverses_total allowance_holds_expired_total allowance_db_errors_total \
     allowance_open_holds allowance_db_pool_connections allowance_db_pool_max_connections \
-    allowance_db_pool_waiting allowance_ready allowance_build_info
+    allowance_db_pool_waiting allowance_ready allowance_build_info allowance_reconcile_runs_total \
+    allowance_history_partitions_created_total allowance_history_partitions_dropped_total
   local series missing=()
   for series in \
     'allowance_reservations_total{outcome="allowed"} 0' \
@@ -192,7 +193,9 @@ traffic() {
     'allowance_holds_expired_total 0' \
     'allowance_db_errors_total{kind="unavailable"} 0' \
     'allowance_db_errors_total{kind="contended"} 0' \
-    'allowance_db_errors_total{kind="corrupt"} 0'; do
+    'allowance_db_errors_total{kind="corrupt"} 0' \
+    'allowance_db_errors_total{kind="export"} 0' \
+    'allowance_reconcile_runs_total{result="error"} 0'; do
     grep -qxF "$series" <<<"$text" || missing+=("$series")
   done
   [ ${#missing[@]} -eq 0 ] || fail "series not listed at zero:" "${missing[@]}" "metrics: $text"

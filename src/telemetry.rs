@@ -73,6 +73,7 @@ pub fn install_metrics(listen: SocketAddr) -> anyhow::Result<()> {
         .with_http_listener(listen)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full("allowance_batch_size".into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("allowance_rate_batch_size".into()), BATCH_BUCKETS)?
         .install()
         .with_context(|| format!("serving metrics on {listen}"))?;
     describe();
@@ -97,10 +98,15 @@ fn register_at_zero() {
     for from in ["held", "committed", "expired", "reversed"] {
         counter!("allowance_reverses_total", "from" => from).absolute(0);
     }
-    for kind in ["unavailable", "contended", "corrupt"] {
+    for kind in ["unavailable", "contended", "corrupt", "export"] {
         counter!("allowance_db_errors_total", "kind" => kind).absolute(0);
     }
     counter!("allowance_holds_expired_total").absolute(0);
+    for result in ["ok", "error"] {
+        counter!("allowance_reconcile_runs_total", "result" => result).absolute(0);
+    }
+    counter!("allowance_history_partitions_created_total").absolute(0);
+    counter!("allowance_history_partitions_dropped_total").absolute(0);
     for reason in crate::domain::AuthFailure::REASONS {
         counter!("allowance_auth_failures_total", "reason" => reason).absolute(0);
     }
@@ -130,9 +136,12 @@ pub fn describe() {
     describe_gauge!("allowance_db_pool_waiting", "Tasks waiting for a database connection.");
     describe_counter!(
         "allowance_db_errors_total",
-        "Database failures by kind (unavailable, contended, corrupt)."
+        "Database failures by kind (unavailable, contended, corrupt, export)."
     );
-    describe_gauge!("allowance_ready", "1 while the database is reachable and migrated, else 0.");
+    describe_gauge!(
+        "allowance_ready",
+        "1 while the database is reachable and migrated and the credential cache is fresh, else 0."
+    );
     describe_counter!(
         "allowance_auth_failures_total",
         "Calls refused by authentication or authorisation, by reason (never by caller, key or secret)."

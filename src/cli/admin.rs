@@ -72,8 +72,8 @@ pub enum CallersCommand {
 
 const CREATE_HELP: &str = "\
 Scopes: spend (ReserveSpending, Commit, Reverse), read (GetLimits, GetTransaction, ListTransactions),
-admin (limits, plans, callers, audit). A caller with --key-prefix may only touch keys starting with one of
-its prefixes (a tenant).
+admin (limits, plans, callers, audit, Envoy's rules), ratelimit (CheckRate and Envoy's ShouldRateLimit). A caller
+with --key-prefix may only touch keys starting with one of its prefixes (a tenant).
 
 The first admin credential is made against the database itself, as no caller exists yet to ask the server:
   allowance callers create --name ops --scopes admin,read,spend --database-url \"$DATABASE_URL\"

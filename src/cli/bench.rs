@@ -363,18 +363,18 @@ fn report(args: &BenchArgs, prefix: &str, mut tally: Tally) {
             "latency_ms": { "p50": p50, "p95": p95, "p99": p99, "max": max },
             "errors": tally.errors,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!(
+        outln!(
             "{mode}: concurrency {}, {} keys, {secs:.0}s: {:.0} ops/s ({ops} ops, {} denied, {errors} errors)",
             args.concurrency,
             args.keys,
             ops as f64 / secs,
             tally.denied
         );
-        println!("latency ms: p50 {p50:.3}  p95 {p95:.3}  p99 {p99:.3}  max {max:.3}");
+        outln!("latency ms: p50 {p50:.3}  p95 {p95:.3}  p99 {p99:.3}  max {max:.3}");
         for (code, n) in &tally.errors {
-            println!("  {code}: {n}");
+            outln!("  {code}: {n}");
         }
     }
 }

@@ -89,10 +89,10 @@ pub async fn partitions(command: PartitionsCommand) -> anyhow::Result<()> {
             match Format::of(db.json) {
                 Format::Json => {
                     let list: Vec<_> = partitions.iter().map(partition_json).collect();
-                    println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
+                    outln!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
                 }
                 Format::Table => {
-                    println!("{:<24} {:<22} {:<22} {:>12}", "NAME", "FROM", "TO", "ROWS (EST.)");
+                    outln!("{:<24} {:<22} {:<22} {:>12}", "NAME", "FROM", "TO", "ROWS (EST.)");
                     for p in &partitions {
                         let (from, to) = match (p.is_default, p.detached) {
                             (true, _) => ("(default)".to_owned(), "".to_owned()),
@@ -102,7 +102,7 @@ pub async fn partitions(command: PartitionsCommand) -> anyhow::Result<()> {
                                 instant(p.to).unwrap_or_else(|| "infinity".into()),
                             ),
                         };
-                        println!("{:<24} {from:<22} {to:<22} {:>12}", p.name, p.rows_estimate.max(0));
+                        outln!("{:<24} {from:<22} {to:<22} {:>12}", p.name, p.rows_estimate.max(0));
                     }
                 }
             }
@@ -112,9 +112,9 @@ pub async fn partitions(command: PartitionsCommand) -> anyhow::Result<()> {
             let created = app.create_partitions(ahead).await.context("creating partitions")?;
             store.pool().close().await;
             match Format::of(db.json) {
-                Format::Json => println!("{}", json!({ "created": created })),
-                Format::Table if created.is_empty() => println!("every partition needed already exists"),
-                Format::Table => created.iter().for_each(|name| println!("created {name}")),
+                Format::Json => outln!("{}", json!({ "created": created })),
+                Format::Table if created.is_empty() => outln!("every partition needed already exists"),
+                Format::Table => created.iter().for_each(|name| outln!("created {name}")),
             }
         }
     }
@@ -153,23 +153,23 @@ fn print(format: Format, r: &RetentionReport) {
                 "refreshed_accounts": r.refreshed_accounts,
                 "audit_deleted": r.audit_deleted,
             });
-            println!("{}", serde_json::to_string_pretty(&value).expect("JSON"));
+            outln!("{}", serde_json::to_string_pretty(&value).expect("JSON"));
         }
         Format::Table => {
             let verb = if r.dry_run { "would drop" } else { "dropped" };
-            r.created.iter().for_each(|name| println!("created {name}"));
+            r.created.iter().for_each(|name| outln!("created {name}"));
             for d in &r.dropped {
                 match &d.exported {
                     Some(path) => {
-                        println!("{verb} {} ({} rows, exported to {})", d.name, d.rows, path.display())
+                        outln!("{verb} {} ({} rows, exported to {})", d.name, d.rows, path.display())
                     }
-                    None if !r.dry_run => println!("{verb} {} ({} rows)", d.name, d.rows),
-                    None if d.rows < 0 => println!("{verb} {} (rows not yet counted by ANALYZE)", d.name),
-                    None => println!("{verb} {} (about {} rows)", d.name, d.rows),
+                    None if !r.dry_run => outln!("{verb} {} ({} rows)", d.name, d.rows),
+                    None if d.rows < 0 => outln!("{verb} {} (rows not yet counted by ANALYZE)", d.name),
+                    None => outln!("{verb} {} (about {} rows)", d.name, d.rows),
                 }
             }
-            r.kept.iter().for_each(|(name, why)| println!("kept {name}: {why}"));
-            println!(
+            r.kept.iter().for_each(|(name, why)| outln!("kept {name}: {why}"));
+            outln!(
                 "retention {} (floor {}): history before {} {}; {} audit event(s) deleted",
                 format_retention(r.retention),
                 format_retention(r.floor),

@@ -1,13 +1,26 @@
 //! The `allowance` command line: the server and the operator's tools in one binary.
 //!
 //! Exit codes: 0 success; 1 error (the gRPC status and message go to stderr; also a health probe that is not
-//! SERVING); 2 bad usage; 3 a reservation that was denied; 4 `reconcile` found divergences it did not repair.
+//! SERVING); 2 bad usage; 3 a reservation or rate check that was denied; 4 `reconcile` found divergences it did
+//! not repair.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 use crate::config::{DatabaseConfig, LogFormat, ServeConfig};
+
+/// `outln!` for a command's output: a reader that went away (`allowance audit list | head -n 1`) ends the
+/// command quietly, as Unix tools do, where `outln!` would panic. (Restoring SIGPIPE's default instead would
+/// also end a command on a write to a closed socket: a TLS handshake refused by the server did.)
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_line(format_args!($($arg)*))
+    };
+}
 
 mod admin;
 mod bench;
@@ -29,8 +42,8 @@ pub const EXIT_DENIED: u8 = 3;
     name = "allowance",
     version,
     about = "Atomic spending limits over gRPC and Postgres",
-    after_help = "Exit codes: 0 success, 1 error (gRPC status on stderr), 2 bad usage, 3 reservation denied, 4 \
-                  reconcile found divergences.\n\n\
+    after_help = "Exit codes: 0 success, 1 error (gRPC status on stderr), 2 bad usage, 3 reservation or rate \
+                  check denied, 4 reconcile found divergences.\n\n\
                   Every call but health needs a credential: --token or ALLOWANCE_TOKEN (<caller id>:<secret>).\n\n\
                   Example:\n  allowance serve --migrate            # with DATABASE_URL set\n  \
                   allowance limits set --key acct-42 --window daily --limit 1000\n  \
@@ -126,9 +139,6 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    if !matches!(cli.command, Command::Serve(_) | Command::Bench(_)) {
-        end_quietly_when_stdout_closes();
-    }
     let code = match cli.command {
         Command::Serve(config) => report(serve::serve(*config).await),
         Command::Migrate(db) => report(serve::migrate(db).await),
@@ -146,17 +156,6 @@ pub async fn main() -> ExitCode {
     };
     telemetry.shutdown();
     code
-}
-
-/// A command piped into `head` ends when its reader goes, as Unix tools do, instead of panicking in
-/// `println!` (Rust starts with SIGPIPE ignored). Sockets are unaffected (Rust sends with MSG_NOSIGNAL);
-/// `serve` and `bench` keep the default, so that a closed log pipe never ends a server.
-fn end_quietly_when_stdout_closes() {
-    #[cfg(unix)]
-    // SAFETY: sets a signal's disposition to the system default; no handler runs Rust code.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

@@ -4,6 +4,20 @@ use serde_json::{Value, json};
 
 use crate::grpc::pb;
 
+/// Writes one line of a command's output (see `outln!`): if the reader has gone, the command ends here,
+/// successfully; any other failure to write is an error exit.
+pub(super) fn write_line(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Table,
@@ -249,7 +263,7 @@ pub fn period_label(p: Option<&pb::Period>) -> String {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Columns padded to their widest cell.
@@ -262,7 +276,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
     let line = |cells: Vec<&str>| {
         let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {
@@ -359,12 +373,12 @@ pub fn limits(format: Format, r: &pb::GetLimitsResponse) {
             "key_limits": r.key_limits.iter().map(key_limit_json).collect::<Vec<_>>(),
         })),
         Format::Table => {
-            println!("key {} unit {}", r.key_id, r.unit);
+            outln!("key {} unit {}", r.key_id, r.unit);
             print_usage_table(&r.usage);
             if r.plan.is_empty() && r.limits.is_empty() && r.key_limits.is_empty() {
                 return;
             }
-            println!("plan {}", if r.plan.is_empty() { "-" } else { &r.plan });
+            outln!("plan {}", if r.plan.is_empty() { "-" } else { &r.plan });
             // Every limit that applies, then the key's "unlimited" overrides (the rest of key_limits are
             // the rows whose source is key).
             let mut rows: Vec<Vec<String>> = r.limits.iter().map(|u| limit_usage_row(u, false)).collect();
@@ -403,7 +417,7 @@ pub fn limit_put(format: Format, key: &str, limit: &pb::Limit, usage: Option<&pb
 pub fn limit_deleted(format: Format, key: &str, name: &str) {
     match format {
         Format::Json => print_json(&json!({ "key_id": key, "name": name, "removed": true })),
-        Format::Table => println!("removed limit {name} of key {key}"),
+        Format::Table => outln!("removed limit {name} of key {key}"),
     }
 }
 
@@ -425,7 +439,7 @@ pub fn plan(format: Format, p: Option<&pb::Plan>) {
     match format {
         Format::Json => print_json(&plan_json(p)),
         Format::Table => {
-            println!("plan {} keys {}", p.name, p.key_count);
+            outln!("plan {} keys {}", p.name, p.key_count);
             print_table(&["UNIT", "NAME", "PERIOD", "LIMIT"], &plan_rows(p));
         }
     }
@@ -455,14 +469,14 @@ pub fn plans(format: Format, plans: &[pb::Plan]) {
 pub fn plan_deleted(format: Format, name: &str) {
     match format {
         Format::Json => print_json(&json!({ "name": name, "deleted": true })),
-        Format::Table => println!("deleted plan {name}"),
+        Format::Table => outln!("deleted plan {name}"),
     }
 }
 
 pub fn plan_assigned(format: Format, key: &str, plan: Option<&str>) {
     match format {
         Format::Json => print_json(&json!({ "key_id": key, "plan": plan })),
-        Format::Table => println!("key {key} plan {}", plan.unwrap_or("-")),
+        Format::Table => outln!("key {key} plan {}", plan.unwrap_or("-")),
     }
 }
 
@@ -507,7 +521,7 @@ pub fn reservation(format: Format, key: &str, r: &pb::ReserveSpendingResponse) {
         Format::Table => {
             let several_keys = r.limits.iter().any(|u| u.key_id != key);
             if r.allowed {
-                println!("allowed");
+                outln!("allowed");
             } else {
                 let exceeded = exceeded_in_order(key, r);
                 let names: Vec<String> = if exceeded.is_empty() {
@@ -524,7 +538,7 @@ pub fn reservation(format: Format, key: &str, r: &pb::ReserveSpendingResponse) {
                         })
                         .collect()
                 };
-                println!("denied: exceeds {}", names.join(", "));
+                outln!("denied: exceeds {}", names.join(", "));
                 let rows: Vec<Vec<String>> = exceeded
                     .iter()
                     .map(|e| {
@@ -542,8 +556,8 @@ pub fn reservation(format: Format, key: &str, r: &pb::ReserveSpendingResponse) {
                 if !rows.is_empty() {
                     print_table(&["KEY", "NAME", "PERIOD", "LIMIT", "SPENT", "HELD", "RETRY_AFTER"], &rows);
                     match &r.retry_after {
-                        Some(d) => println!("retry after {}", human_duration(d)),
-                        None => println!("retry after never: the amount alone exceeds a limit"),
+                        Some(d) => outln!("retry after {}", human_duration(d)),
+                        None => outln!("retry after never: the amount alone exceeds a limit"),
                     }
                 }
             }
@@ -578,7 +592,7 @@ pub fn transactions(format: Format, r: &pb::ListTransactionsResponse) {
             let rows: Vec<Vec<String>> = r.transactions.iter().map(transaction_row).collect();
             print_table(TX_HEADER, &rows);
             if !r.next_page_token.is_empty() {
-                println!("next page: --page-token {}", r.next_page_token);
+                outln!("next page: --page-token {}", r.next_page_token);
             }
         }
     }
@@ -587,7 +601,7 @@ pub fn transactions(format: Format, r: &pb::ListTransactionsResponse) {
 pub fn health(format: Format, status: &str) {
     match format {
         Format::Json => print_json(&json!({ "status": status })),
-        Format::Table => println!("{status}"),
+        Format::Table => outln!("{status}"),
     }
 }
 
@@ -641,7 +655,7 @@ pub fn caller_issued(format: Format, c: Option<&pb::Caller>, credential: &str, w
             if let Some(c) = c {
                 print_table(&CALLER_HEADER, &[caller_row(c)]);
             }
-            println!("\ncaller {what}; its credential (shown once, store it now):\n{credential}");
+            outln!("\ncaller {what}; its credential (shown once, store it now):\n{credential}");
         }
     }
 }
@@ -693,7 +707,7 @@ pub fn audit_events(format: Format, r: &pb::ListAuditEventsResponse) {
                 .collect();
             print_table(&["ID", "TIME", "CALLER", "ACTION", "KEY", "SUBJECT", "BEFORE", "AFTER"], &rows);
             if !r.next_page_token.is_empty() {
-                println!("next page: --page-token {}", r.next_page_token);
+                outln!("next page: --page-token {}", r.next_page_token);
             }
         }
     }

@@ -132,12 +132,12 @@ fn print_check(format: Format, r: &pb::CheckRateResponse) {
         Format::Table => {
             if r.limits.is_empty() {
                 // Allowed because nothing limits it: say so, so that a misspelt --limit is noticed.
-                println!(
+                outln!(
                     "allowed: no rate limit applies (the key has none of those asked for, or none at all)"
                 );
                 return;
             }
-            println!("{}", if r.allowed { "allowed" } else { "denied" });
+            outln!("{}", if r.allowed { "allowed" } else { "denied" });
             let secs = |d: Option<&prost_types::Duration>| {
                 d.map_or_else(
                     || "-".to_owned(),
@@ -291,7 +291,7 @@ pub async fn rules(command: RulesCommand) -> Result<ExitCode, tonic::Status> {
                 .await?;
             match Format::of(client.json) {
                 Format::Json => output::print_value(&json!({ "deleted": name })),
-                Format::Table => println!("rule {name} deleted"),
+                Format::Table => outln!("rule {name} deleted"),
             }
         }
     }

@@ -121,12 +121,12 @@ fn print(format: Format, report: &Reconciliation) {
                 "stale_holds": report.stale_holds.iter().map(stale_json).collect::<Vec<_>>(),
                 "hold_bookkeeping": report.hold_bookkeeping.iter().map(bookkeeping_json).collect::<Vec<_>>(),
             });
-            println!("{}", serde_json::to_string_pretty(&value).expect("JSON"));
+            outln!("{}", serde_json::to_string_pretty(&value).expect("JSON"));
         }
         Format::Table => {
             let verb = if report.repaired { "repaired" } else { "diverged" };
             for d in &report.divergences {
-                println!(
+                outln!(
                     "{verb}: key {} unit {} period {}: running committed {} held {} since {}, ledger committed {} held {} since {}",
                     d.account.key_id,
                     d.account.unit,
@@ -141,7 +141,7 @@ fn print(format: Format, report: &Reconciliation) {
             }
             let released = if report.repaired { "released" } else { "stale" };
             for h in &report.stale_holds {
-                println!(
+                outln!(
                     "{released}: key {} unit {} hold {} of {} expired {}, before the account's last write {}",
                     h.account.key_id,
                     h.account.unit,
@@ -154,7 +154,7 @@ fn print(format: Format, report: &Reconciliation) {
             let set = if report.repaired { "repaired" } else { "diverged" };
             for b in &report.hold_bookkeeping {
                 let until = |t: Option<&Timestamp>| t.map_or_else(|| "none".to_owned(), time);
-                println!(
+                outln!(
                     "{set}: key {} unit {} open holds counted {}, in the rows {}; holds_until {}, latest open expiry {}",
                     b.account.key_id,
                     b.account.unit,
@@ -178,7 +178,7 @@ fn print(format: Format, report: &Reconciliation) {
                 (false, true) => format!("{} repaired", found.join(", ")),
                 (false, false) => format!("{}, not repaired (--repair fixes them)", found.join(", ")),
             };
-            println!("checked {} account(s): {what}", report.accounts);
+            outln!("checked {} account(s): {what}", report.accounts);
         }
     }
 }
