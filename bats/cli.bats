@@ -50,6 +50,10 @@ expect_invalid() {
   run -2 allowance limits set --key "$KEY" --name m --calendar month --count 0 --limit 1
   assert_contains "$output" "--count"
   run -2 allowance plans assign --key "$KEY" --plan ""
+  run -2 allowance limits set --key "$KEY" --name yearly --rolling 1y --limit 1
+  assert_contains "$output" "365d"
+  run -2 allowance tx get --tx "$TX-1" --timeout 0s
+  run -2 allowance reserve --key "$KEY" --tx "$TX-1" --amount 1 --commit --ttl 5m
   # Nothing reached the server.
   run --separate-stderr allowance tx get --tx "$TX-1"
   assert_grpc_error NOT_FOUND

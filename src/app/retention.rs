@@ -83,13 +83,9 @@ pub struct RetentionReport {
     pub audit_deleted: u64,
 }
 
-/// A retention as operators write it: whole days as `430d`, anything else as humantime does.
+/// A retention as operators write it: `430d`, `1d 12h` (days at most, never months or years).
 pub fn format_retention(d: TimeDelta) -> String {
-    if d.num_seconds() % 86_400 == 0 && d.subsec_nanos() == 0 {
-        format!("{}d", d.num_days())
-    } else {
-        humantime::format_duration(d.to_std().unwrap_or_default()).to_string()
-    }
+    crate::domain::span_text(d.num_seconds())
 }
 
 /// The least retention given the longest spending period: that period, the longest hold and the margin.

@@ -24,7 +24,7 @@ pub struct ClientOptions {
     #[arg(long)]
     pub json: bool,
     /// Give up on the call after this long, e.g. 5s.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     pub timeout: Duration,
     /// The caller's credential, `<caller id>:<secret>`, sent as `authorization: Bearer …`. Prefer the
     /// environment variable: a flag shows in the process list.
@@ -269,7 +269,7 @@ pub struct ReserveArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub amount: i64,
     /// How long the hold lasts (1s to 30d), e.g. 10m; default: the server's.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, conflicts_with = "commit")]
     pub ttl: Option<Duration>,
     /// Record as committed at once, for transfers that settle immediately.
     #[arg(long)]
@@ -338,6 +338,13 @@ pub struct HealthArgs {
     pub service: String,
     #[command(flatten)]
     pub client: ClientOptions,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0s".into()),
+        d => Ok(d),
+    }
 }
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {

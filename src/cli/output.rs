@@ -79,18 +79,8 @@ fn ceil_seconds(d: &prost_types::Duration) -> i64 {
     d.seconds + i64::from(d.nanos > 0)
 }
 
-/// A duration as `1d 2h 3m 4s` (zero parts left out; `0s` for nothing). humantime reads it back.
-fn human_seconds(total: i64) -> String {
-    if total <= 0 {
-        return "0s".to_owned();
-    }
-    let parts =
-        [(total / 86_400, "d"), (total % 86_400 / 3600, "h"), (total % 3600 / 60, "m"), (total % 60, "s")];
-    parts.iter().filter(|(n, _)| *n > 0).map(|(n, u)| format!("{n}{u}")).collect::<Vec<_>>().join(" ")
-}
-
 fn human_duration(d: &prost_types::Duration) -> String {
-    human_seconds(ceil_seconds(d))
+    crate::domain::span_text(ceil_seconds(d))
 }
 
 /// The calendar's time zone, or UTC when the name is empty or unknown here.

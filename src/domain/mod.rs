@@ -27,7 +27,9 @@ pub use limit::{
     EffectiveLimit, LimitName, LimitSource, LimitSpec, MAX_KEYS_PER_RESERVATION, MAX_LIMITS, MAX_RATE, Plan,
     PlanName, effective_limits, effective_rate_limits,
 };
-pub use period::{Calendar, CalendarUnit, MAX_ANCHOR_DISTANCE, MAX_PERIOD_DAYS, Period, utc_month_start};
+pub use period::{
+    Calendar, CalendarUnit, MAX_ANCHOR_DISTANCE, MAX_PERIOD_DAYS, Period, span_text, utc_month_start,
+};
 pub use transaction::{ExpiringHold, Transaction, TxState};
 pub use values::*;
 pub use window::Window;

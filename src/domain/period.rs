@@ -106,7 +106,7 @@ impl Period {
                 field,
                 format!(
                     "must be between 1 second and {MAX_PERIOD_DAYS} days, got {}",
-                    humantime::format_duration(length.abs().to_std().unwrap_or_default())
+                    span_text(length.abs().num_seconds())
                 ),
             ));
         }
@@ -330,12 +330,36 @@ impl Ord for Period {
     }
 }
 
+/// A span of whole seconds as `1d 2h 3m 4s` (zero parts left out; `0s` for none): days at most, never months
+/// or years, whose lengths vary. humantime reads it back.
+pub fn span_text(seconds: i64) -> String {
+    if seconds <= 0 {
+        return "0s".to_owned();
+    }
+    let parts = [
+        (seconds / 86_400, "d"),
+        (seconds % 86_400 / 3600, "h"),
+        (seconds % 3600 / 60, "m"),
+        (seconds % 60, "s"),
+    ];
+    parts.iter().filter(|(n, _)| *n > 0).map(|(n, u)| format!("{n}{u}")).collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn at(s: &str) -> Timestamp {
         chrono::DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    #[test]
+    fn spans_read_in_days_never_months_or_years() {
+        assert_eq!(span_text(0), "0s");
+        assert_eq!(span_text(500 * 86_400), "500d");
+        assert_eq!(span_text(86_400 + 2 * 3600 + 3 * 60 + 4), "1d 2h 3m 4s");
+        let e = Period::rolling(TimeDelta::days(500)).unwrap_err();
+        assert!(e.reason.ends_with("got 500d"), "{}", e.reason);
     }
 
     #[test]
