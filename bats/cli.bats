@@ -210,3 +210,12 @@ expect_invalid() {
   assert_not_contains "$stderr" "panicked"
   assert_not_contains "$stderr" "Broken pipe"
 }
+
+@test "cli: the database commands name why they cannot connect, at once and once" {
+  local port
+  port=$(free_port)
+  run --separate-stderr timeout 3 "$ALLOWANCE_BIN" reconcile --database-url "postgres://postgres@127.0.0.1:$port/allowance"
+  [ "$status" -eq 1 ] || fail "exit code $status (124: it waited for a pool timeout)"
+  assert_contains "$stderr" "Connection refused"
+  assert_eq "$(grep -o 'Connection refused' <<<"$stderr" | wc -l)" 1 "times the cause is printed"
+}

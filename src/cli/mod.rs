@@ -148,7 +148,7 @@ pub async fn main() -> ExitCode {
         Command::Reconcile(args) => match reconcile::run(args).await {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", error_text(&e));
                 ExitCode::from(EXIT_ERROR)
             }
         },
@@ -158,11 +158,26 @@ pub async fn main() -> ExitCode {
     code
 }
 
+/// An error and its causes, as `{:#}` prints them but without a cause that repeats the text before it
+/// (sqlx's database errors carry their message and then the same message again as their source).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !text.ends_with(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(EXIT_ERROR)
         }
     }

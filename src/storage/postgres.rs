@@ -187,7 +187,12 @@ impl PgStore {
     }
 
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StorageError> {
-        let pool = Self::pool_options(max_connections).connect_with(Self::connect_options(url)?).await?;
+        let options = Self::connect_options(url)?;
+        // One connection first, for its error: a pool retries a refused connection until its acquire timeout
+        // and then reports only that it timed out.
+        use sqlx::Connection;
+        sqlx::PgConnection::connect_with(&options).await?.close().await?;
+        let pool = Self::pool_options(max_connections).connect_with(options).await?;
         Ok(Self::new(pool))
     }
 
