@@ -127,6 +127,9 @@ create_database() { # name: prints its URL
   sleep 0.5 # a few readiness checks (every 200ms)
   run -1 allowance health --addr "$INSTANCE_ADDR"
   assert_eq "$output" NOT_SERVING
+  # The log says why, and what to do.
+  assert_contains "$(cat "$INSTANCE_LOG")" "the database is not migrated"
+  assert_contains "$(cat "$INSTANCE_LOG")" "run allowance migrate"
 
   run -0 env DATABASE_URL="$url" "$ALLOWANCE_BIN" migrate
   wait_until 10 healthy "$INSTANCE_ADDR"

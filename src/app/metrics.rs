@@ -77,7 +77,7 @@ fn amount(v: i64) -> u64 {
 
 pub(super) fn storage_error(e: &StorageError) {
     let kind = match e {
-        StorageError::Unavailable(_) => "unavailable",
+        StorageError::Unavailable(_) | StorageError::NotMigrated { .. } => "unavailable",
         StorageError::Contended => "contended",
         StorageError::Corrupt(_) => "corrupt",
         StorageError::Export(_) => "export",

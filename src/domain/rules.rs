@@ -128,9 +128,9 @@ impl Rule {
             return Err(InvalidArgument::new("pattern", format!("needs 1 to {MAX_PATTERN_ENTRIES} entries")));
         }
         for (i, e) in self.pattern.iter().enumerate() {
-            check_text("pattern.key", &e.key).map_err(|e| e.within(&format!("pattern[{i}]")))?;
+            check_text("key", &e.key).map_err(|e| e.within(&format!("pattern[{i}]")))?;
             if let Some(v) = &e.value {
-                check_text("pattern.value", v).map_err(|e| e.within(&format!("pattern[{i}]")))?;
+                check_text("value", v).map_err(|e| e.within(&format!("pattern[{i}]")))?;
             }
         }
         if let Some(d) = &self.default

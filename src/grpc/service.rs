@@ -52,7 +52,11 @@ impl From<Error> for Status {
                 Status::unavailable("the server is shutting down; retry on another replica")
             }
             Error::Internal => Status::internal("internal error"),
-            Error::Storage(e @ (StorageError::Unavailable(_) | StorageError::Contended)) => {
+            Error::Storage(
+                e @ (StorageError::Unavailable(_)
+                | StorageError::Contended
+                | StorageError::NotMigrated { .. }),
+            ) => {
                 tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "storage unavailable");
                 Status::unavailable("storage is unavailable; retry later")
             }

@@ -29,6 +29,20 @@ pub enum StorageError {
     /// Writing an export of history failed (the directory, the disk).
     #[error("export failed: {0}")]
     Export(String),
+    /// The database is reachable but not migrated to what this binary needs.
+    #[error("{}", not_migrated(*.applied, *.needed))]
+    NotMigrated { applied: Option<i64>, needed: i64 },
+}
+
+fn not_migrated(applied: Option<i64>, needed: i64) -> String {
+    match applied {
+        None => format!(
+            "the database is not migrated (this binary needs migration {needed}): run allowance migrate"
+        ),
+        Some(v) => {
+            format!("the database is migrated to {v}, this binary needs {needed}: run allowance migrate")
+        }
+    }
 }
 
 impl StorageError {
@@ -40,7 +54,10 @@ impl StorageError {
             StorageError::Unavailable(e) => {
                 e.as_database_error().is_some_and(|d| refused_statement(d.code().as_deref()))
             }
-            StorageError::Contended | StorageError::Corrupt(_) | StorageError::Export(_) => false,
+            StorageError::Contended
+            | StorageError::Corrupt(_)
+            | StorageError::Export(_)
+            | StorageError::NotMigrated { .. } => false,
         }
     }
 }

@@ -835,14 +835,18 @@ impl Store for PgStore {
     async fn ready(&self) -> Result<(), StorageError> {
         // sqlx's own bookkeeping table, so not checked at compile time.
         let applied: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            match sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
                 .fetch_one(&self.pool)
-                .await?;
-        let expected = MIGRATOR.iter().map(|m| m.version).max();
-        if applied < expected {
-            return Err(StorageError::Corrupt(format!(
-                "database is migrated to {applied:?}, this binary needs {expected:?}"
-            )));
+                .await
+            {
+                Ok(applied) => applied,
+                // undefined_table: reachable, but never migrated.
+                Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => None,
+                Err(e) => return Err(e.into()),
+            };
+        let needed = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        if applied.is_none_or(|v| v < needed) {
+            return Err(StorageError::NotMigrated { applied, needed });
         }
         Ok(())
     }
