@@ -182,6 +182,17 @@ impl PgStore {
             // No ping (a round trip) before every batch: a connection that died while idle fails on its
             // BEGIN instead, and `begin_on` takes another.
             .test_before_acquire(false)
+            // …but one idle for a while is pinged first: a database restart or an idle-session timeout leaves
+            // dead connections in the pool, and the reads and the readiness check (which, unlike batches, do
+            // not retry a lost connection) would each fail on one — readiness stayed NOT_SERVING for seconds
+            // after a restart. A connection that fails the ping is closed and the next one tried. Under load
+            // connections are never idle that long, so the hot path pays nothing.
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    Ok(meta.idle_for < PING_WHEN_IDLE_FOR || conn.ping().await.is_ok())
+                })
+            })
             .acquire_timeout(std::time::Duration::from_secs(5))
             .max_lifetime(CONNECTION_LIFETIME)
     }
@@ -247,6 +258,9 @@ impl PgStore {
         Ok(BatchOutput { value, expired_holds, now })
     }
 }
+
+/// A pooled connection idle at least this long is pinged before it is handed out (see `pool_options`).
+const PING_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Connections taken and lost at BEGIN before one works: more than a pool holds, so that every connection a
 /// database restart left dead can be found so.

@@ -653,6 +653,54 @@ async fn drill_sigkill_of_one_of_two_replicas() {
     verify(&db.pool, &outcomes, Arc::new(SystemClock)).await;
 }
 
+/// Opens every connection of a pool of 4 whose connections are named `name`, then ends them all while they
+/// sit idle, as a database restart or an idle-session timeout does.
+async fn end_idle_connections(pool: &PgPool, serving: &PgPool, name: &str) {
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(serving.acquire().await.unwrap());
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await; // their release (sqlx pings on release)
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = $1) t",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(ended, 4, "every connection of the serving pool was open and is now ended");
+}
+
+/// Reads and the readiness check do not retry a lost connection as batches do; a connection idle for a
+/// second or more is pinged before use instead, so neither fails on one that died meanwhile (readiness
+/// stayed NOT_SERVING for seconds after a database restart, and reads answered UNAVAILABLE once per dead
+/// connection).
+#[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
+async fn reads_and_readiness_after_idle_connections_died(pool: PgPool) {
+    use allowance::domain::TransactionId;
+    use allowance::storage::Store;
+
+    use crate::helpers::actor;
+    use crate::history::{account, allowed, reserve};
+
+    let options = (*pool.connect_options()).clone().application_name("idle-reads");
+    let serving = PgStore::pool_options(4).connect_with(options).await.unwrap();
+    let app = Allowance::new(Arc::new(PgStore::new(serving.clone())), Arc::new(ManualClock::new(epoch())));
+    assert!(allowed(&app, reserve("k", "t0", 1, false)).await);
+    end_idle_connections(&pool, &serving, "idle-reads").await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let account = account("k");
+    for i in 0..6 {
+        app.store().ready().await.unwrap_or_else(|e| panic!("readiness check {i}: {e}"));
+        app.get_transaction(TransactionId::parse("t0").unwrap(), &actor())
+            .await
+            .unwrap_or_else(|e| panic!("read {i}: {e}"));
+        app.list_transactions(account.clone(), None, 10).await.unwrap();
+    }
+}
+
 /// The serving pool hands out connections without pinging them first (a round trip per batch saved): a
 /// connection that died while idle — the database restarted, a proxy closed it — must cost no call an error.
 #[sqlx::test(migrator = "allowance::storage::postgres::MIGRATOR")]
@@ -663,21 +711,8 @@ async fn connections_that_died_while_idle_cost_no_call_an_error(pool: PgPool) {
     let serving = PgStore::pool_options(4).connect_with(options).await.unwrap();
     // The app alone, without a server's background jobs, which would otherwise meet the dead connections first.
     let app = Allowance::new(Arc::new(PgStore::new(serving.clone())), Arc::new(ManualClock::new(epoch())));
-    // Open every connection of the pool, then end them all while they sit idle.
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(serving.acquire().await.unwrap());
-    }
-    drop(held);
-    tokio::time::sleep(Duration::from_millis(200)).await; // their release (sqlx pings on release)
-    let ended: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE application_name = 'idle-victim') t",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(ended, 4, "every connection of the serving pool was open and is now ended");
+    end_idle_connections(&pool, &serving, "idle-victim").await;
+    // Too short for the ping before use (see the test above): the batches' own retry is what is tested.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..8 {
         assert!(

@@ -35,7 +35,7 @@ fn at(y: i32, m: u32, d: u32, h: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
 }
 
-fn account(key: &str) -> AccountKey {
+pub fn account(key: &str) -> AccountKey {
     AccountKey::new(KeyId::parse(key).unwrap(), Unit::parse("usd").unwrap())
 }
 
