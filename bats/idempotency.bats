@@ -36,6 +36,18 @@ setup() {
   assert_usage "$KEY" daily spent=25 held=0
 }
 
+@test "idempotency: a retry asking to commit at once is not answered with a hold; the same keys in another order are a retry" {
+  run -0 allowance limits set --key "$KEY2" --window daily --limit 100
+  run -0 allowance reserve --key "$KEY" --also-key "$KEY2" --tx "$TX-1" --amount 25
+  run --separate-stderr allowance reserve --key "$KEY" --also-key "$KEY2" --tx "$TX-1" --amount 25 --commit
+  assert_grpc_error ALREADY_EXISTS
+  assert_contains "$stderr" "not committed at once"
+  run -0 allowance reserve --key "$KEY2" --also-key "$KEY" --tx "$TX-1" --amount 25 --json
+  assert_json '.allowed and .transaction.state == "held"'
+  assert_usage "$KEY" daily held=25
+  assert_usage "$KEY2" daily held=25
+}
+
 @test "idempotency: the same transaction id with another amount is ALREADY_EXISTS" {
   run -0 allowance reserve --key "$KEY" --tx "$TX-1" --amount 60
   run --separate-stderr allowance reserve --key "$KEY" --tx "$TX-1" --amount 61

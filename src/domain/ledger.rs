@@ -379,9 +379,21 @@ impl Ledger {
         let now = self.now;
         if let Some(existing) = self.transactions.get(&req.transaction_id) {
             let existing = &existing.value;
-            if existing.accounts != req.accounts || existing.held_amount != req.amount.get() {
+            // The same keys in any order are the same request (a client may build the list from a set).
+            let mut keys = existing.accounts.clone();
+            let mut asked = req.accounts.clone();
+            keys.sort();
+            asked.sort();
+            if keys != asked || existing.held_amount != req.amount.get() {
                 return Err(Rejection::AlreadyExists(format!(
                     "transaction {} already exists with different keys, unit or amount",
+                    req.transaction_id
+                )));
+            }
+            // A retry asking to commit at once must not be answered with a hold that will expire uncommitted.
+            if req.commit && existing.expires_at.is_some() {
+                return Err(Rejection::AlreadyExists(format!(
+                    "transaction {} already exists as a hold, not committed at once: commit it with Commit",
                     req.transaction_id
                 )));
             }

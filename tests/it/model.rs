@@ -317,7 +317,7 @@ impl Model {
             Op::Reserve { key, with_org, tx, amount, ttl_secs, commit } => {
                 let keys = if with_org { vec![key, ORG] } else { vec![key] };
                 if let Some(t) = self.txs.get(&tx) {
-                    if t.keys != keys || t.held_amount != amount {
+                    if t.keys != keys || t.held_amount != amount || (commit && t.expires_at.is_some()) {
                         return Some(Seen::AlreadyExists);
                     }
                     return Some(Seen::Allowed {
