@@ -229,10 +229,21 @@ impl<S: Store> Allowance<S> {
                             let state = |state: TxState| {
                                 serde_json::json!({ "state": state.as_str(), "amount": t.amount })
                             };
-                            let event = AuditEvent::new(&by, ledger.now(), AuditAction::TransactionReverse, t.id.as_str())
-                                .on(&t.primary().key_id, Some(&t.primary().unit))
-                                .change(Some(state(reversed.from)), Some(state(t.state)));
-                            ledger.record(event);
+                            // One event per key charged, so that every key's trail shows the refund or release
+                            // of its totals; none for a repeated reverse, which changed nothing.
+                            if reversed.from != TxState::Reversed {
+                                for account in &t.accounts {
+                                    let event = AuditEvent::new(
+                                        &by,
+                                        ledger.now(),
+                                        AuditAction::TransactionReverse,
+                                        t.id.as_str(),
+                                    )
+                                    .on(&account.key_id, Some(&account.unit))
+                                    .change(Some(state(reversed.from)), Some(state(t.state)));
+                                    ledger.record(event);
+                                }
+                            }
                             Ok(Outcome::Reversed(reversed))
                         }
                         Operation::SetLimit { account, window, limit, by } => {

@@ -200,9 +200,26 @@ async fn a_multi_key_reservation_holds_on_every_key_and_is_denied_by_any(pool: P
     }
     c.reverse(pb::ReverseRequest { transaction_id: "t1".into() }).await.unwrap();
     assert_eq!(limits(&mut c, "org").await.limits[0].spent, 0);
-    // A retry with the keys in another order is a different reservation.
-    let other = pb::ReserveSpendingRequest {
+    // The refund is in every charged key's audit trail, once: a repeated reverse changes nothing.
+    c.reverse(pb::ReverseRequest { transaction_id: "t1".into() }).await.unwrap();
+    let audited: Vec<String> = sqlx::query_scalar(
+        "SELECT key_id FROM audit_events WHERE action = 'transaction.reverse' AND subject = 't1' ORDER BY key_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, ["org", "user"]);
+    // A retry with the keys in another order is the same reservation (a client may build the list from a
+    // set): it is answered with the transaction as it stands, keys in their first order.
+    let reordered = pb::ReserveSpendingRequest {
         additional_key_ids: vec!["user".into()],
+        ..reserve_req("org", "t1", 100)
+    };
+    let replayed = c.reserve_spending(reordered).await.unwrap().into_inner().transaction.unwrap();
+    assert_eq!((replayed.key_id.as_str(), replayed.state()), ("user", pb::TransactionState::Reversed));
+    // Another key set is a different reservation.
+    let other = pb::ReserveSpendingRequest {
+        additional_key_ids: vec!["user".into(), "third".into()],
         ..reserve_req("org", "t1", 100)
     };
     assert_eq!(c.reserve_spending(other).await.unwrap_err().code(), Code::AlreadyExists);
