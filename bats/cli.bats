@@ -180,6 +180,13 @@ expect_invalid() {
   assert_contains "$stderr" "17"
 }
 
+@test "validation: a metadata key given twice is INVALID_ARGUMENT, not the last value silently kept" {
+  run --separate-stderr allowance reserve --key "$KEY" --tx "$TX-1" --amount 1 --meta order=1 --meta order=2
+  assert_grpc_error INVALID_ARGUMENT "--meta: "
+  run --separate-stderr allowance tx get --tx "$TX-1"
+  assert_grpc_error NOT_FOUND
+}
+
 @test "validation: an over-long metadata value or an empty metadata key is INVALID_ARGUMENT naming metadata" {
   expect_invalid metadata reserve --key "$KEY" --tx "$TX-1" --amount 1 --meta "note=$(printf 'v%.0s' $(seq 1 513))"
   expect_invalid metadata reserve --key "$KEY" --tx "$TX-1" --amount 1 --meta "=value"

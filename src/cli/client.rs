@@ -709,6 +709,15 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
                 .map(prost_types::Duration::try_from)
                 .transpose()
                 .map_err(|e| tonic::Status::invalid_argument(format!("--ttl: {e}")))?;
+            let mut metadata = std::collections::HashMap::new();
+            for (key, value) in args.metadata {
+                if metadata.contains_key(&key) {
+                    return Err(tonic::Status::invalid_argument(format!(
+                        "--meta: the key {key:?} is given twice"
+                    )));
+                }
+                metadata.insert(key, value);
+            }
             let key_id = args.account.key;
             let r = spending(&args.client)
                 .await?
@@ -719,7 +728,7 @@ async fn call(command: Command) -> Result<ExitCode, tonic::Status> {
                     unit: args.account.unit,
                     hold_ttl,
                     commit: args.commit,
-                    metadata: args.metadata.into_iter().collect(),
+                    metadata,
                     additional_key_ids: args.also_keys,
                 })
                 .await?
