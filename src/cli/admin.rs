@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::client::{ClientOptions, authorized};
+use super::client::{ClientOptions, authorized, causes};
 use super::output::{self, Format};
 use crate::app::Allowance;
 use crate::clock::SystemClock;
@@ -187,11 +187,9 @@ async fn create_in_database(args: CreateArgs) -> Result<ExitCode, tonic::Status>
     let url = args.database_url.unwrap_or_default();
     let store = PgStore::connect(&url, 1)
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot reach the database: {e}")))?;
+        .map_err(|e| tonic::Status::unavailable(format!("cannot reach the database: {}", causes(&e))))?;
     store.ready().await.map_err(|e| {
-        tonic::Status::failed_precondition(format!(
-            "the database is not ready (run `allowance migrate`): {e}"
-        ))
+        tonic::Status::failed_precondition(format!("the database is not ready: {}", causes(&e)))
     })?;
     let app = Allowance::new(Arc::new(store), Arc::new(SystemClock));
     let by = Actor::anonymous("cli:database", uuid::Uuid::new_v4().to_string());

@@ -533,7 +533,8 @@ async fn connect(options: &ClientOptions) -> Result<Channel, tonic::Status> {
 }
 
 /// An error and its sources, e.g. "transport error: invalid peer certificate: UnknownIssuer".
-fn causes(e: &dyn std::error::Error) -> String {
+/// An error and its causes, each once (sqlx repeats a database error's text as its source).
+pub(super) fn causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{DatabaseConfig, LogFormat, ServeConfig};
 
-/// `outln!` for a command's output: a reader that went away (`allowance audit list | head -n 1`) ends the
-/// command quietly, as Unix tools do, where `outln!` would panic. (Restoring SIGPIPE's default instead would
+/// `println!` for a command's output: a reader that went away (`allowance audit list | head -n 1`) ends the
+/// command quietly with status 141, as Unix tools end, where `println!` would panic. (Restoring SIGPIPE's default instead would
 /// also end a command on a write to a closed socket: a TLS handshake refused by the server did.)
 macro_rules! outln {
     () => {
@@ -148,7 +148,7 @@ pub async fn main() -> ExitCode {
         Command::Reconcile(args) => match reconcile::run(args).await {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {}", error_text(&e));
+                eprintln!("error: {}", client::causes(e.as_ref()));
                 ExitCode::from(EXIT_ERROR)
             }
         },
@@ -158,26 +158,11 @@ pub async fn main() -> ExitCode {
     code
 }
 
-/// An error and its causes, as `{:#}` prints them but without a cause that repeats the text before it
-/// (sqlx's database errors carry their message and then the same message again as their source).
-fn error_text(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain().map(ToString::to_string) {
-        if !text.ends_with(&cause) {
-            if !text.is_empty() {
-                text.push_str(": ");
-            }
-            text.push_str(&cause);
-        }
-    }
-    text
-}
-
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            eprintln!("error: {}", client::causes(e.as_ref()));
             ExitCode::from(EXIT_ERROR)
         }
     }

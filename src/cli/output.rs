@@ -4,14 +4,15 @@ use serde_json::{Value, json};
 
 use crate::grpc::pb;
 
-/// Writes one line of a command's output (see `outln!`): if the reader has gone, the command ends here,
-/// successfully; any other failure to write is an error exit.
+/// Writes one line of a command's output (see `outln!`): if the reader has gone, the command ends here, with
+/// the status a shell gives a command ended by SIGPIPE (141: never 0, which could hide a denial's 3 or
+/// reconcile's 4 from `set -o pipefail`); any other failure to write is an error exit.
 pub(super) fn write_line(line: std::fmt::Arguments) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+            std::process::exit(141);
         }
         eprintln!("error: writing the output: {e}");
         std::process::exit(1);

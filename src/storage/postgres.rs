@@ -182,17 +182,6 @@ impl PgStore {
             // No ping (a round trip) before every batch: a connection that died while idle fails on its
             // BEGIN instead, and `begin_on` takes another.
             .test_before_acquire(false)
-            // …but one idle for a while is pinged first: a database restart or an idle-session timeout leaves
-            // dead connections in the pool, and the reads and the readiness check (which, unlike batches, do
-            // not retry a lost connection) would each fail on one — readiness stayed NOT_SERVING for seconds
-            // after a restart. A connection that fails the ping is closed and the next one tried. Under load
-            // connections are never idle that long, so the hot path pays nothing.
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    use sqlx::Connection;
-                    Ok(meta.idle_for < PING_WHEN_IDLE_FOR || conn.ping().await.is_ok())
-                })
-            })
             .acquire_timeout(std::time::Duration::from_secs(5))
             .max_lifetime(CONNECTION_LIFETIME)
     }
@@ -259,8 +248,23 @@ impl PgStore {
     }
 }
 
-/// A pooled connection idle at least this long is pinged before it is handed out (see `pool_options`).
-const PING_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// Runs a read again while the connection it was given turns out to have died while idle (see `begin_on`):
+/// a read changes nothing, so it is safe to run again, and the dead connection leaves the pool as it fails.
+/// Without it, reads and the readiness check failed once per dead connection after a database restart
+/// (readiness stayed NOT_SERVING for seconds while the database was back).
+async fn read_retrying<T, F, Fut>(mut read: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut lost = 0;
+    loop {
+        match read().await {
+            Err(StorageError::Unavailable(e)) if lost < STALE_CONNECTIONS && connection_lost(&e) => lost += 1,
+            other => return other,
+        }
+    }
+}
 
 /// Connections taken and lost at BEGIN before one works: more than a pool holds, so that every connection a
 /// database restart left dead can be found so.
@@ -334,7 +338,7 @@ impl Store for PgStore {
     }
 
     async fn rate_rules(&self) -> Result<Vec<crate::domain::rules::Rule>, StorageError> {
-        rates::rules(&self.pool, None).await
+        read_retrying(|| rates::rules(&self.pool, None)).await
     }
 
     async fn put_rate_rule(
@@ -403,9 +407,10 @@ impl Store for PgStore {
         id: &TransactionId,
         now: Timestamp,
     ) -> Result<Option<(Transaction, Timestamp)>, StorageError> {
-        let row = sqlx::query_as!(
-            TxRow,
-            r#"SELECT t.transaction_id,
+        let row = read_retrying(|| async {
+            Ok(sqlx::query_as!(
+                TxRow,
+                r#"SELECT t.transaction_id,
                       (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
                                         ORDER BY t2.position)
                        FROM transactions t2 WHERE t2.transaction_id = t.transaction_id) AS "keys!",
@@ -415,10 +420,12 @@ impl Store for PgStore {
                       COALESCE($2, now()) AS read_at
                FROM transactions t
                WHERE t.transaction_id = $1 AND t.position = 0"#,
-            id.as_str(),
-            self.clock_or_database(now),
-        )
-        .fetch_optional(&self.pool)
+                id.as_str(),
+                self.clock_or_database(now),
+            )
+            .fetch_optional(&self.pool)
+            .await?)
+        })
         .await?;
         row.map(|r| r.into_domain_read(now)).transpose()
     }
@@ -435,9 +442,10 @@ impl Store for PgStore {
             Some(c) => (c.created_at, c.transaction_id.as_str()),
             None => (far_future(), ""),
         };
-        let rows = sqlx::query_as!(
-            TxRow,
-            r#"SELECT p.transaction_id AS "transaction_id!",
+        let rows = read_retrying(|| async {
+            Ok(sqlx::query_as!(
+                TxRow,
+                r#"SELECT p.transaction_id AS "transaction_id!",
                       (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
                                         ORDER BY t2.position)
                        FROM transactions t2 WHERE t2.transaction_id = t.transaction_id) AS "keys!",
@@ -454,14 +462,16 @@ impl Store for PgStore {
                  AND (t.created_at < $3 OR (t.created_at = $3 AND t.transaction_id < $4))
                ORDER BY t.created_at DESC, t.transaction_id DESC
                LIMIT $5"#,
-            account.key_id.as_str(),
-            account.unit.as_str(),
-            before,
-            before_id,
-            i64::from(limit),
-            self.clock_or_database(now),
-        )
-        .fetch_all(&self.pool)
+                account.key_id.as_str(),
+                account.unit.as_str(),
+                before,
+                before_id,
+                i64::from(limit),
+                self.clock_or_database(now),
+            )
+            .fetch_all(&self.pool)
+            .await?)
+        })
         .await?;
         let at = rows.first().and_then(|r| r.read_at).unwrap_or(now);
         let page = rows.into_iter().map(TxRow::into_domain).collect::<Result<_, _>>()?;
@@ -524,9 +534,12 @@ impl Store for PgStore {
     async fn open_holds(&self) -> Result<u64, StorageError> {
         // Counted on each account as holds are placed and settled; a hold past its expiry counts until a
         // batch of its key, or the sweeper, releases it.
-        let n = sqlx::query_scalar!(r#"SELECT COALESCE(sum(open_holds), 0)::int8 AS "n!" FROM accounts"#)
-            .fetch_one(&self.pool)
-            .await?;
+        let n = read_retrying(|| async {
+            Ok(sqlx::query_scalar!(r#"SELECT COALESCE(sum(open_holds), 0)::int8 AS "n!" FROM accounts"#)
+                .fetch_one(&self.pool)
+                .await?)
+        })
+        .await?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -751,11 +764,11 @@ impl Store for PgStore {
     }
 
     async fn callers(&self) -> Result<Vec<CallerRecord>, StorageError> {
-        audit::all_callers(&self.pool).await
+        read_retrying(|| audit::all_callers(&self.pool)).await
     }
 
     async fn audit_events(&self, filter: &AuditFilter, limit: u32) -> Result<Vec<AuditEvent>, StorageError> {
-        audit::audit_events(&self.pool, filter, limit).await
+        read_retrying(|| audit::audit_events(&self.pool, filter, limit)).await
     }
 
     async fn account_keys(
@@ -848,16 +861,20 @@ impl Store for PgStore {
 
     async fn ready(&self) -> Result<(), StorageError> {
         // sqlx's own bookkeeping table, so not checked at compile time.
-        let applied: Option<i64> =
+        let applied: Option<i64> = read_retrying(|| async {
             match sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
                 .fetch_one(&self.pool)
                 .await
             {
-                Ok(applied) => applied,
+                Ok(applied) => Ok(applied),
                 // undefined_table: reachable, but never migrated.
-                Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => None,
-                Err(e) => return Err(e.into()),
-            };
+                Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => {
+                    Ok(None)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
         let needed = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
         if applied.is_none_or(|v| v < needed) {
             return Err(StorageError::NotMigrated { applied, needed });
@@ -869,7 +886,7 @@ impl Store for PgStore {
 impl PgStore {
     /// Plans with their limits and key counts: one, or all by name.
     async fn plans(&self, name: Option<&PlanName>) -> Result<Vec<PlanInfo>, StorageError> {
-        plans_in(&self.pool, name).await
+        read_retrying(|| plans_in(&self.pool, name)).await
     }
 }
 
