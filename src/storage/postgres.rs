@@ -553,7 +553,7 @@ impl Store for PgStore {
         by: &Actor,
         now: Timestamp,
     ) -> Result<Vec<HoldBookkeeping>, StorageError> {
-        holds::repair(&self.pool, accounts, by, now).await
+        holds::repair(&self.pool, accounts, by, now, self.database_clock).await
     }
 
     async fn counted(

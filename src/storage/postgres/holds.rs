@@ -28,6 +28,7 @@ pub(super) async fn repair(
     accounts: &[AccountKey],
     by: &Actor,
     now: Timestamp,
+    database_clock: bool,
 ) -> Result<Vec<HoldBookkeeping>, StorageError> {
     let mut tx = pool.begin().await?;
     let (keys, units) = key_columns(accounts);
@@ -82,7 +83,7 @@ pub(super) async fn repair(
                 )
         })
         .collect();
-    super::audit::insert_audit(&mut tx, &events, false).await?;
+    super::audit::insert_audit(&mut tx, &events, database_clock).await?;
     tx.commit().await?;
     Ok(found.into_iter().map(|(_, b)| b).collect())
 }
