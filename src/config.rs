@@ -183,10 +183,8 @@ pub enum LogFormat {
 /// A duration as humantime writes it (`90s`, `15m`, `1h 30m`, `30d`), but never in months or years: their
 /// lengths vary, and humantime would read `1y` as 365 days and 6 hours.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let units = s.split(|c: char| !c.is_ascii_alphabetic()).filter(|u| !u.is_empty());
-    if let Some(u) =
-        units.into_iter().find(|u| matches!(*u, "y" | "year" | "years" | "M" | "month" | "months"))
-    {
+    let mut units = s.split(|c: char| !c.is_ascii_alphabetic());
+    if let Some(u) = units.find(|u| matches!(*u, "y" | "year" | "years" | "M" | "month" | "months")) {
         return Err(format!(
             "{s:?}: months and years vary in length; give days (e.g. 365d), or use a calendar period (got {u:?})"
         ));

@@ -63,6 +63,21 @@ pub fn init(format: LogFormat, default_level: &str) -> anyhow::Result<Telemetry>
     Ok(Telemetry { provider })
 }
 
+/// An error and its causes, each once, e.g. "transport error: invalid peer certificate: UnknownIssuer" (sqlx
+/// repeats a database error's text as its source): for messages and logs.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text = format!("{text}: {s_text}");
+        }
+        source = s.source();
+    }
+    text
+}
+
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];

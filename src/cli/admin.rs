@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::client::{ClientOptions, authorized, causes};
+use super::client::{ClientOptions, authorized};
 use super::output::{self, Format};
 use crate::app::Allowance;
 use crate::clock::SystemClock;
@@ -14,6 +14,7 @@ use crate::grpc::convert;
 use crate::grpc::pb::{self, admin_service_client::AdminServiceClient};
 use crate::storage::Store;
 use crate::storage::postgres::PgStore;
+use crate::telemetry::causes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ScopeArg {

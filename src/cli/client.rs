@@ -12,6 +12,7 @@ use super::{Command, EXIT_DENIED, EXIT_ERROR};
 use crate::config::parse_duration;
 use crate::domain::Window;
 use crate::grpc::pb::{self, spending_limits_client::SpendingLimitsClient};
+use crate::telemetry::causes;
 
 #[derive(Debug, Clone, Args)]
 pub struct ClientOptions {
@@ -530,21 +531,6 @@ async fn connect(options: &ClientOptions) -> Result<Channel, tonic::Status> {
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("cannot reach {}: {}", options.addr, causes(&e))))
-}
-
-/// An error and its sources, e.g. "transport error: invalid peer certificate: UnknownIssuer".
-/// An error and its causes, each once (sqlx repeats a database error's text as its source).
-pub(super) fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.ends_with(&s_text) {
-            text = format!("{text}: {s_text}");
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// A channel that sends `--token` (or `ALLOWANCE_TOKEN`) with every call.

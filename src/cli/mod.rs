@@ -11,8 +11,9 @@ use clap::{Parser, Subcommand};
 use crate::config::{DatabaseConfig, LogFormat, ServeConfig};
 
 /// `println!` for a command's output: a reader that went away (`allowance audit list | head -n 1`) ends the
-/// command quietly with status 141, as Unix tools end, where `println!` would panic. (Restoring SIGPIPE's default instead would
-/// also end a command on a write to a closed socket: a TLS handshake refused by the server did.)
+/// command quietly with status 141, as Unix tools end, where `println!` would panic. (Restoring SIGPIPE's
+/// default instead would also end a command on a write to a closed socket: a TLS handshake refused by the
+/// server did.)
 macro_rules! outln {
     () => {
         $crate::cli::output::write_line(format_args!(""))
@@ -148,7 +149,7 @@ pub async fn main() -> ExitCode {
         Command::Reconcile(args) => match reconcile::run(args).await {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {}", client::causes(e.as_ref()));
+                eprintln!("error: {}", crate::telemetry::causes(e.as_ref()));
                 ExitCode::from(EXIT_ERROR)
             }
         },
@@ -162,7 +163,7 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", client::causes(e.as_ref()));
+            eprintln!("error: {}", crate::telemetry::causes(e.as_ref()));
             ExitCode::from(EXIT_ERROR)
         }
     }

@@ -244,11 +244,8 @@ async fn watch_health<S: Store>(
             failed => {
                 if last != Some(ServingStatus::NotServing) {
                     let error = match failed {
-                        // With its cause: "database unavailable" alone does not say what failed.
-                        Ok(Err(e)) => match std::error::Error::source(&e) {
-                            Some(cause) => format!("{e}: {cause}"),
-                            None => e.to_string(),
-                        },
+                        // With its causes: "database unavailable" alone does not say what failed.
+                        Ok(Err(e)) => crate::telemetry::causes(&e),
                         _ => "the readiness check timed out".to_owned(),
                     };
                     tracing::warn!(%error, "not ready: reporting NOT_SERVING");

@@ -248,38 +248,49 @@ impl PgStore {
     }
 }
 
-/// Runs a read again while the connection it was given turns out to have died while idle (see `begin_on`):
-/// a read changes nothing, so it is safe to run again, and the dead connection leaves the pool as it fails.
-/// Without it, reads and the readiness check failed once per dead connection after a database restart
-/// (readiness stayed NOT_SERVING for seconds while the database was back).
-async fn read_retrying<T, F, Fut>(mut read: F) -> Result<T, StorageError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StorageError>>,
-{
-    let mut lost = 0;
-    loop {
-        match read().await {
-            Err(StorageError::Unavailable(e)) if lost < STALE_CONNECTIONS && connection_lost(&e) => lost += 1,
-            other => return other,
-        }
-    }
-}
-
-/// Connections taken and lost at BEGIN before one works: more than a pool holds, so that every connection a
-/// database restart left dead can be found so.
+/// Connections found dead (at BEGIN, or by a read) before one works: more than a pool holds, so that every
+/// connection a database restart left dead can be found so.
 const STALE_CONNECTIONS: usize = 64;
 
 /// A transaction begun by `begin` on a connection of `pool`. Pools do not ping a connection before handing it
 /// out, so one may have died while idle (the database restarted, a proxy closed it): its BEGIN fails having
 /// changed nothing, the connection is dropped, and the next one is tried.
 async fn begin_on(pool: &PgPool, begin: &'static str) -> Result<PgTx<'static, Postgres>, sqlx::Error> {
+    on_live_connection(|| pool.begin_with(begin)).await
+}
+
+/// Runs `attempt` again while the pooled connection it was given turns out to have died while idle: for
+/// attempts that change nothing when they fail so (a BEGIN, a read). The dead connection leaves the pool as
+/// it fails, so the next attempt gets another. Without it, reads and the readiness check failed once per
+/// dead connection after a database restart (readiness stayed NOT_SERVING for seconds).
+async fn on_live_connection<T, E, F, Fut>(mut attempt: F) -> Result<T, E>
+where
+    E: LostConnection,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     let mut lost = 0;
     loop {
-        match pool.begin_with(begin).await {
-            Err(e) if lost < STALE_CONNECTIONS && connection_lost(&e) => lost += 1,
+        match attempt().await {
+            Err(e) if lost < STALE_CONNECTIONS && e.connection_lost() => lost += 1,
             other => return other,
         }
+    }
+}
+
+trait LostConnection {
+    fn connection_lost(&self) -> bool;
+}
+
+impl LostConnection for sqlx::Error {
+    fn connection_lost(&self) -> bool {
+        connection_lost(self)
+    }
+}
+
+impl LostConnection for StorageError {
+    fn connection_lost(&self) -> bool {
+        matches!(self, StorageError::Unavailable(e) if connection_lost(e))
     }
 }
 
@@ -338,7 +349,7 @@ impl Store for PgStore {
     }
 
     async fn rate_rules(&self) -> Result<Vec<crate::domain::rules::Rule>, StorageError> {
-        read_retrying(|| rates::rules(&self.pool, None)).await
+        on_live_connection(|| rates::rules(&self.pool, None)).await
     }
 
     async fn put_rate_rule(
@@ -407,8 +418,8 @@ impl Store for PgStore {
         id: &TransactionId,
         now: Timestamp,
     ) -> Result<Option<(Transaction, Timestamp)>, StorageError> {
-        let row = read_retrying(|| async {
-            Ok(sqlx::query_as!(
+        let row = on_live_connection(|| {
+            sqlx::query_as!(
                 TxRow,
                 r#"SELECT t.transaction_id,
                       (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
@@ -424,7 +435,6 @@ impl Store for PgStore {
                 self.clock_or_database(now),
             )
             .fetch_optional(&self.pool)
-            .await?)
         })
         .await?;
         row.map(|r| r.into_domain_read(now)).transpose()
@@ -442,8 +452,8 @@ impl Store for PgStore {
             Some(c) => (c.created_at, c.transaction_id.as_str()),
             None => (far_future(), ""),
         };
-        let rows = read_retrying(|| async {
-            Ok(sqlx::query_as!(
+        let rows = on_live_connection(|| {
+            sqlx::query_as!(
                 TxRow,
                 r#"SELECT p.transaction_id AS "transaction_id!",
                       (SELECT array_agg((SELECT a2.key_id::text FROM accounts a2 WHERE a2.id = t2.account_id)
@@ -470,7 +480,6 @@ impl Store for PgStore {
                 self.clock_or_database(now),
             )
             .fetch_all(&self.pool)
-            .await?)
         })
         .await?;
         let at = rows.first().and_then(|r| r.read_at).unwrap_or(now);
@@ -534,10 +543,9 @@ impl Store for PgStore {
     async fn open_holds(&self) -> Result<u64, StorageError> {
         // Counted on each account as holds are placed and settled; a hold past its expiry counts until a
         // batch of its key, or the sweeper, releases it.
-        let n = read_retrying(|| async {
-            Ok(sqlx::query_scalar!(r#"SELECT COALESCE(sum(open_holds), 0)::int8 AS "n!" FROM accounts"#)
+        let n = on_live_connection(|| {
+            sqlx::query_scalar!(r#"SELECT COALESCE(sum(open_holds), 0)::int8 AS "n!" FROM accounts"#)
                 .fetch_one(&self.pool)
-                .await?)
         })
         .await?;
         Ok(u64::try_from(n).unwrap_or(0))
@@ -764,11 +772,11 @@ impl Store for PgStore {
     }
 
     async fn callers(&self) -> Result<Vec<CallerRecord>, StorageError> {
-        read_retrying(|| audit::all_callers(&self.pool)).await
+        on_live_connection(|| audit::all_callers(&self.pool)).await
     }
 
     async fn audit_events(&self, filter: &AuditFilter, limit: u32) -> Result<Vec<AuditEvent>, StorageError> {
-        read_retrying(|| audit::audit_events(&self.pool, filter, limit)).await
+        on_live_connection(|| audit::audit_events(&self.pool, filter, limit)).await
     }
 
     async fn account_keys(
@@ -861,12 +869,12 @@ impl Store for PgStore {
 
     async fn ready(&self) -> Result<(), StorageError> {
         // sqlx's own bookkeeping table, so not checked at compile time.
-        let applied: Option<i64> = read_retrying(|| async {
+        let applied: Option<i64> = on_live_connection(|| async {
             match sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
                 .fetch_one(&self.pool)
                 .await
             {
-                Ok(applied) => Ok(applied),
+                Ok(applied) => Ok::<_, StorageError>(applied),
                 // undefined_table: reachable, but never migrated.
                 Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => {
                     Ok(None)
@@ -886,7 +894,7 @@ impl Store for PgStore {
 impl PgStore {
     /// Plans with their limits and key counts: one, or all by name.
     async fn plans(&self, name: Option<&PlanName>) -> Result<Vec<PlanInfo>, StorageError> {
-        read_retrying(|| plans_in(&self.pool, name)).await
+        on_live_connection(|| plans_in(&self.pool, name)).await
     }
 }
 
